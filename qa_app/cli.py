@@ -1,0 +1,216 @@
+"""``qa-app``: chat, ask, build-index, eval and train-ranker."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from qa_app.config import Settings
+
+log = logging.getLogger("qa_app")
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kb", type=Path, help="one NPC's knowledge-base file (JSONL)")
+    parser.add_argument("--kb-dir", type=Path, help="folder of knowledge bases, one NPC per file")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--threshold", type=float, help="accept answers with confidence >= this")
+    parser.add_argument("--index-kind", choices=["flat", "ivf", "hnsw"], help="faiss index (flat is exact)")
+    parser.add_argument("--rank-k", type=int, help="entries the ranker reads per question")
+
+
+def _make_engine(args):
+    from qa_app.engine import QAEngine
+
+    settings = Settings.from_env(kb_dir=args.kb_dir, device=args.device, threshold=args.threshold,
+                                 index_kind=args.index_kind, rank_k=args.rank_k)
+    if args.kb:
+        return QAEngine.from_kb_file(args.kb, settings=settings)
+    return QAEngine(settings=settings)
+
+
+def _pick_npc(engine, npc: str | None) -> str:
+    from qa_app.engine import UnknownNpcError
+
+    if npc is None:
+        return engine.npcs[0]
+    if npc not in engine.npcs:
+        raise UnknownNpcError(npc, engine.npcs)
+    return npc
+
+
+def answer_json(answer) -> dict:
+    data = asdict(answer)
+    data["entities"] = [{"name": m.name, "text": m.text, "score": round(m.score, 1), "entry_ids": list(m.entry_ids)}
+                        for m in answer.entities]
+    data["timings_ms"] = {k: round(v, 2) for k, v in answer.timings_ms.items()}
+    return data
+
+
+def format_answer(answer) -> str:
+    lines = []
+    if answer.rejected:
+        lines.append(f"[no answer] I don't know that one. (confidence {answer.confidence:.2f})")
+    else:
+        lines.append(f"{answer.answer}")
+        lines.append(f"  entry {answer.id}, confidence {answer.confidence:.2f}")
+    if answer.normalized_query:
+        lines.append(f"  understood: {answer.normalized_query}")
+    if answer.entities:
+        lines.append("  entities: " + ", ".join(f"{m.name} ({m.text!r})" for m in answer.entities))
+    lines.append("  timing ms: " + " ".join(f"{k}={v:.1f}" for k, v in answer.timings_ms.items()))
+    for warning in answer.warnings:
+        lines.append(f"  warning: {warning}")
+    return "\n".join(lines)
+
+
+def cmd_ask(args) -> int:
+    engine = _make_engine(args)
+    answer = engine.ask(_pick_npc(engine, args.npc), args.question)
+    print(json.dumps(answer_json(answer), indent=2) if args.json else format_answer(answer))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from qa_app.engine import QueryError
+
+    engine = _make_engine(args)
+    npc = _pick_npc(engine, args.npc)
+    print(f"Talking to {npc} ({len(engine.knowledge_base(npc))} entries). Ctrl-D or Ctrl-C to leave.")
+    while True:
+        try:
+            text = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not text.strip():
+            continue
+        try:
+            print(format_answer(engine.ask(npc, text)))
+        except QueryError as err:
+            print(f"  {err}")
+
+
+def cmd_build_index(args) -> int:
+    from qa_app.engine import NpcIndex
+    from qa_app.kb import load_kb
+    from qa_app.models.text_encoder import TextEncoder
+
+    settings = Settings.from_env(device=args.device, index_kind=args.index_kind)
+    kb = load_kb(args.kb)
+    encoder = TextEncoder(settings.text_encoder, settings.device)
+    index = NpcIndex(kb, encoder, settings.index_kind, spelling=False)
+    path = index.save(encoder, settings.index_kind)
+    print(f"{kb.npc}: {len(kb)} entries, {len(index.questions)} questions -> {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from qa_app.evaluate import evaluate, evaluate_baseline
+    from qa_app.kb import load_queries
+
+    if not args.kb:
+        raise SystemExit("qa-app eval: --kb is required")
+    engine = _make_engine(args)
+    npc = engine.npcs[0]
+    queries = load_queries(args.queries)
+    metrics = evaluate(engine, npc, queries)
+    if args.baseline:
+        metrics["baseline"] = evaluate_baseline(engine, npc, queries)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    rows = ["in_scope_top1", "answered_correctly", "false_accept_rate", "false_reject_rate", "auroc",
+            "typo_top1", "typo_clean_top1", "latency_p50_ms", "latency_p99_ms"]
+    print(f"NPC {npc}: {metrics['queries']} queries ({metrics['in_scope']} in scope, "
+          f"{metrics['must_reject']} must be rejected), threshold {metrics['threshold']:.3f}")
+    header = f"{'metric':<22}{'pipeline':>10}" + (f"{'baseline':>10}" if args.baseline else "")
+    print(header)
+    for key in rows:
+        if key not in metrics:
+            continue
+        line = f"{key:<22}{metrics[key]:>10.3f}"
+        if args.baseline and key in metrics["baseline"]:
+            line += f"{metrics['baseline'][key]:>10.3f}"
+        print(line)
+    print("per kind (accepted-and-correct for answerable kinds, rejected for the others):")
+    for kind, value in metrics["per_kind_accuracy"].items():
+        base = metrics["baseline"]["per_kind_accuracy"].get(kind) if args.baseline else None
+        print(f"  {kind:<20}{value:>10.3f}" + (f"{base:>10.3f}" if base is not None else ""))
+    if args.baseline:
+        print(f"baseline: plain bi-encoder cosine, {metrics['baseline']['threshold_rule']}")
+    return 0
+
+
+def cmd_train_ranker(args) -> int:
+    from qa_app.train.ranker import RankerTrainConfig, train_ranker
+
+    values = {}
+    if args.config:
+        values.update(json.loads(Path(args.config).read_text()))
+    for f in fields(RankerTrainConfig):
+        override = getattr(args, f.name, None)
+        if override is not None:
+            values[f.name] = override
+    report = train_ranker(RankerTrainConfig(**values))
+    print(json.dumps({k: report[k] for k in ("training_groups", "threshold", "held_out", "minutes")}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qa-app", description="Question answering for game NPCs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and stage details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="talk to an NPC in the terminal")
+    _engine_args(p)
+    p.add_argument("--npc", help="NPC name (a KB file stem); default: the first")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("ask", help="ask one question")
+    _engine_args(p)
+    p.add_argument("--npc", help="NPC name (a KB file stem); default: the first")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.add_argument("question")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("build-index", help="build and save a KB's faiss index beside it")
+    p.add_argument("--kb", type=Path, required=True)
+    p.add_argument("--device")
+    p.add_argument("--index-kind", choices=["flat", "ivf", "hnsw"])
+    p.set_defaults(func=cmd_build_index)
+
+    p = sub.add_parser("eval", help="score the engine on a labelled query set")
+    _engine_args(p)
+    p.add_argument("--queries", type=Path, required=True, help="JSONL of {query, expected_id, kind}")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--baseline", action="store_true", help="also score plain bi-encoder cosine")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train-ranker", help="train and calibrate the cross-encoder ranker")
+    p.add_argument("--config", help="JSON file of RankerTrainConfig fields")
+    p.add_argument("--output")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--limit-groups", dest="limit_groups", type=int, help="train on N groups (smoke test)")
+    p.set_defaults(func=cmd_train_ranker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from qa_app.engine import QueryError, UnknownNpcError
+    from qa_app.kb import KnowledgeBaseError
+    from qa_app.models.loading import ModelNotFoundError
+
+    try:
+        return args.func(args)
+    except (KnowledgeBaseError, QueryError, UnknownNpcError, ModelNotFoundError, FileNotFoundError) as err:
+        print(f"qa-app: error: {err}", file=sys.stderr)
+        return 2

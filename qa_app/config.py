@@ -1,0 +1,54 @@
+"""Settings in one place: defaults, overridden by ``QA_*`` environment variables, then by CLI flags."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from qa_app.models.loading import ASSETS_DIR
+
+
+@dataclass(frozen=True)
+class Settings:
+    kb_dir: Path = ASSETS_DIR / "kb"
+    text_encoder: str = "all-MiniLM-L6-v2"
+    ranker: str | None = "ranker"        # None: rank by bi-encoder cosine alone
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    index_kind: str = "flat"             # flat | ivf | hnsw
+    recall_k: int = 48                   # KB questions fetched from faiss per query
+    rank_k: int = 6                      # distinct entries the ranker reads per query
+    threshold: float | None = None       # accept when confidence >= threshold; None: the ranker's calibrated default
+    max_query_chars: int = 500           # longer text is truncated with a warning
+    spelling: bool = True
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
+        """Defaults, then ``QA_<FIELD>`` variables (``QA_RANK_K=8``), then explicit overrides (not None)."""
+        environ = os.environ if environ is None else environ
+        values: dict = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f"QA_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f.name, raw, f.default)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(name: str, raw: str, default):
+    try:
+        if name in ("threshold",):
+            return float(raw)
+        if isinstance(default, bool):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, Path):
+            return Path(raw)
+        if name == "ranker" and raw.lower() in ("", "none"):
+            return None
+        return raw
+    except ValueError:
+        raise ValueError(f"QA_{name.upper()}={raw!r} is not a valid value") from None

@@ -1,0 +1,294 @@
+"""The QA pipeline: text -> normalised -> spelled -> entities -> recall -> ranked -> answer or refusal."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qa_app.config import Settings
+from qa_app.kb import KnowledgeBase, load_kb, load_kb_dir
+from qa_app.models.ranker import Ranker
+from qa_app.models.text_encoder import TextEncoder
+from qa_app.reject import Rejector, features
+from qa_app.retrieval.index import build_index, load_index, save_index, search
+from qa_app.text.entities import EntityMention, EntityRecognizer
+from qa_app.text.normalize import normalize
+from qa_app.text.spelling import SpellingCorrector
+
+log = logging.getLogger(__name__)
+
+
+class QueryError(ValueError):
+    """The player's text cannot be answered as given (empty, or only punctuation)."""
+
+
+class UnknownNpcError(KeyError):
+    """No knowledge base is loaded for this NPC."""
+
+    def __init__(self, npc: str, known: list[str]) -> None:
+        super().__init__(npc)
+        self.npc, self.known = npc, known
+
+    def __str__(self) -> str:
+        return f"unknown NPC {self.npc!r}; known NPCs: {', '.join(self.known) or '(none)'}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    question: str          # the KB question of this entry closest to the player's question
+    answer: str
+    recall_score: float    # bi-encoder cosine
+    rank_score: float      # ranker logit (the cosine again when no ranker is loaded)
+
+
+@dataclass(frozen=True)
+class Answer:
+    npc: str
+    query: str
+    normalized_query: str
+    id: str | None                 # the answering entry; None when rejected
+    answer: str | None
+    confidence: float              # calibrated probability that the top candidate answers the question
+    rejected: bool
+    candidates: list[Candidate]
+    entities: list[EntityMention]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class NpcIndex:
+    """Everything built from one NPC's knowledge base: question vectors in faiss, speller, gazetteer."""
+
+    def __init__(self, kb: KnowledgeBase, encoder: TextEncoder, index_kind: str = "flat",
+                 spelling: bool = True) -> None:
+        self.kb = kb
+        self.original_questions: list[str] = []
+        owners: list[int] = []
+        for number, entry in enumerate(kb.entries):
+            self.original_questions.extend(entry.questions)
+            owners.extend([number] * len(entry.questions))
+        self.questions = [normalize(q) for q in self.original_questions]
+        self.owner = np.array(owners)  # [questions] -> entry number
+        self.index = self._saved_index(kb, encoder, index_kind)
+        if self.index is None:
+            vectors = encoder.encode(self.questions, progress=len(self.questions) > 5000)
+            self.index = build_index(vectors, index_kind, encoder.device)
+        self.speller = SpellingCorrector(kb) if spelling else None
+        self.entities = EntityRecognizer(kb)
+
+    @staticmethod
+    def index_paths(kb_source: Path) -> tuple[Path, Path]:
+        """Where ``qa-app build-index`` saves a KB's index: beside the KB file."""
+        return kb_source.with_suffix(".faiss"), kb_source.with_suffix(".index.json")
+
+    @staticmethod
+    def fingerprint(kb_source: Path, encoder: TextEncoder, index_kind: str) -> dict:
+        return {"kb_sha256": hashlib.sha256(kb_source.read_bytes()).hexdigest(),
+                "encoder": encoder.name, "index_kind": index_kind}
+
+    def _saved_index(self, kb: KnowledgeBase, encoder: TextEncoder, index_kind: str):
+        """A saved index is reused only if it was built from these very bytes with this encoder."""
+        if kb.source is None:
+            return None
+        index_file, meta_file = self.index_paths(kb.source)
+        if not (index_file.is_file() and meta_file.is_file()):
+            return None
+        meta = json.loads(meta_file.read_text())
+        if meta.get("fingerprint") != self.fingerprint(kb.source, encoder, index_kind):
+            log.warning("%s is stale (KB, encoder or index kind changed); rebuilding in memory", index_file)
+            return None
+        index = load_index(index_file)
+        if index.ntotal != len(self.questions):
+            return None
+        if encoder.device.type == "cuda" and index_kind == "flat":
+            return build_index(index.reconstruct_n(0, index.ntotal), "flat", encoder.device)
+        return index
+
+    def save(self, encoder: TextEncoder, index_kind: str) -> Path:
+        index_file, meta_file = self.index_paths(self.kb.source)
+        save_index(self.index, index_file)
+        meta_file.write_text(json.dumps({"fingerprint": self.fingerprint(self.kb.source, encoder, index_kind),
+                                         "questions": len(self.questions)}, indent=2) + "\n")
+        return index_file
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class QAEngine:
+    """Answers players' questions from NPC knowledge bases. Thread-safe for concurrent ``ask`` calls."""
+
+    def __init__(self, kb_dir: str | Path | None = None, kbs: dict[str, KnowledgeBase] | None = None,
+                 settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        if kbs is None:
+            kbs = load_kb_dir(kb_dir or self.settings.kb_dir)
+        self.encoder = TextEncoder(self.settings.text_encoder, self.settings.device)
+        self.ranker = Ranker(self.settings.ranker, self.settings.device) if self.settings.ranker else None
+        self.rejector = Rejector.load(self.ranker.source) if self.ranker else None
+        self._npcs: dict[str, NpcIndex] = {}
+        self._lock = threading.Lock()
+        for npc, kb in kbs.items():
+            self._npcs[npc] = self._build(kb)
+
+    @classmethod
+    def from_defaults(cls, **overrides) -> "QAEngine":
+        """The bundled knowledge bases and models, with ``QA_*`` environment overrides."""
+        return cls(settings=Settings.from_env(**overrides))
+
+    @classmethod
+    def from_kb_file(cls, path: str | Path, npc: str | None = None, settings: Settings | None = None) -> "QAEngine":
+        kb = load_kb(path, npc)
+        return cls(kbs={kb.npc: kb}, settings=settings)
+
+    def _build(self, kb: KnowledgeBase) -> NpcIndex:
+        start = time.perf_counter()
+        index = NpcIndex(kb, self.encoder, self.settings.index_kind, self.settings.spelling)
+        log.info("indexed NPC %s: %d entries, %d questions in %.0f ms", kb.npc, len(kb),
+                 len(index.questions), _ms(start))
+        return index
+
+    @property
+    def npcs(self) -> list[str]:
+        return sorted(self._npcs)
+
+    @property
+    def threshold(self) -> float:
+        if self.settings.threshold is not None:
+            return self.settings.threshold
+        return self.rejector.threshold if self.rejector else 0.5
+
+    def knowledge_base(self, npc: str) -> KnowledgeBase:
+        return self._index(npc).kb
+
+    def reload(self, kb: KnowledgeBase) -> None:
+        """Swap an NPC's index atomically; asks already running finish on the old one."""
+        index = self._build(kb)
+        with self._lock:
+            self._npcs[kb.npc] = index
+
+    def _index(self, npc: str) -> NpcIndex:
+        try:
+            return self._npcs[npc]
+        except KeyError:
+            raise UnknownNpcError(npc, self.npcs) from None
+
+    def ask(self, npc: str, text: str, top_k: int | None = None) -> Answer:
+        return self.ask_batch(npc, [text], top_k)[0]
+
+    def ask_batch(self, npc: str, texts: list[str], top_k: int | None = None) -> list[Answer]:
+        """Answer several questions to one NPC with one encoder call and one ranker call."""
+        index = self._index(npc)
+        total = time.perf_counter()
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        warnings: list[list[str]] = []
+        normalized: list[str] = []
+        for text in texts:
+            if not isinstance(text, str):
+                raise QueryError("the question must be text")
+            notes = []
+            if len(text) > self.settings.max_query_chars:
+                notes.append(f"question truncated from {len(text)} to {self.settings.max_query_chars} characters")
+                log.warning("npc=%s: %s", npc, notes[-1])
+                text = text[: self.settings.max_query_chars]
+            if not text.strip():
+                raise QueryError("the question is empty")
+            normalized.append(normalize(text))
+            warnings.append(notes)
+        timings["normalize"] = _ms(start)
+
+        # Text with nothing to read once normalised ("???", emoji) is refused without running the models.
+        readable = [i for i, t in enumerate(normalized) if t]
+        start = time.perf_counter()
+        spelled = [index.speller.correct(t) for t in normalized] if index.speller else normalized
+        timings["spelling"] = _ms(start)
+
+        start = time.perf_counter()
+        mentions = [index.entities.find(t) for t in spelled]
+        timings["entities"] = _ms(start)
+
+        start = time.perf_counter()
+        vectors = self.encoder.encode([spelled[i] for i in readable]) if readable else None
+        timings["embed"] = _ms(start)
+
+        start = time.perf_counter()
+        shortlists = self._recall(index, vectors) if readable else []
+        timings["recall"] = _ms(start)
+
+        start = time.perf_counter()
+        ranked_readable = self._rank(index, [spelled[i] for i in readable], shortlists)
+        ranked: list[list[Candidate]] = [[] for _ in texts]
+        for i, candidates in zip(readable, ranked_readable):
+            ranked[i] = candidates
+        timings["rank"] = _ms(start)
+
+        start = time.perf_counter()
+        answers = []
+        for i, candidates in enumerate(ranked):
+            confidence = self._confidence(candidates) if candidates else 0.0
+            rejected = confidence < self.threshold
+            answers.append(Answer(
+                npc=npc, query=texts[i], normalized_query=spelled[i],
+                id=None if rejected else candidates[0].id, answer=None if rejected else candidates[0].answer,
+                confidence=confidence, rejected=rejected,
+                candidates=candidates[: top_k or len(candidates)], entities=mentions[i],
+                timings_ms=timings, warnings=warnings[i]))
+        timings["reject"] = _ms(start)
+        timings["total"] = _ms(total)
+        return answers
+
+    def _recall(self, index: NpcIndex, vectors: np.ndarray) -> list[list[tuple[int, int, float]]]:
+        """Per query, the best KB entries as (entry number, question number, cosine), best first."""
+        scores, ids = search(index.index, vectors, self.settings.recall_k)
+        shortlists = []
+        for row_scores, row_ids in zip(scores, ids):
+            seen: dict[int, tuple[int, int, float]] = {}
+            for score, qid in zip(row_scores, row_ids):
+                if qid < 0:
+                    continue
+                entry = int(index.owner[qid])
+                if entry not in seen:
+                    seen[entry] = (entry, int(qid), float(score))
+                    if len(seen) == self.settings.rank_k:
+                        break
+            shortlists.append(list(seen.values()))
+        return shortlists
+
+    def _rank(self, index: NpcIndex, queries: list[str],
+              shortlists: list[list[tuple[int, int, float]]]) -> list[list[Candidate]]:
+        if not queries:
+            return []
+        pairs_q, pairs_p = [], []
+        for query, shortlist in zip(queries, shortlists):
+            for _, qid, _ in shortlist:
+                pairs_q.append(query)
+                pairs_p.append(index.questions[qid])
+        logits = self.ranker.score(pairs_q, pairs_p) if self.ranker else None
+        ranked, offset = [], 0
+        for shortlist in shortlists:
+            candidates = []
+            for j, (entry_no, qid, cosine) in enumerate(shortlist):
+                entry = index.kb.entries[entry_no]
+                score = float(logits[offset + j]) if logits is not None else cosine
+                candidates.append(Candidate(entry.id, index.original_questions[qid], entry.answer, cosine, score))
+            offset += len(shortlist)
+            candidates.sort(key=lambda c: -c.rank_score)
+            ranked.append(candidates)
+        return ranked
+
+    def _confidence(self, candidates: list[Candidate]) -> float:
+        if self.rejector is None:
+            return max(0.0, min(1.0, candidates[0].recall_score))
+        feats = features(np.array([c.rank_score for c in candidates]),
+                         np.array([c.recall_score for c in candidates]))
+        return float(self.rejector.confidence(feats)[0])

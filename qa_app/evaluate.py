@@ -1,0 +1,102 @@
+"""Evaluation of an NPC's answers against a labelled query set, and the plain bi-encoder baseline."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from qa_app.engine import QAEngine
+from qa_app.kb import LabelledQuery
+from qa_app.retrieval.index import search
+from qa_app.text.normalize import normalize
+
+BASELINE_TARGET_FAR = 0.10
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    if len(positive) == 0 or len(negative) == 0:
+        return float("nan")
+    scores = np.concatenate([positive, negative])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for value in np.unique(scores):  # average ranks of ties
+        tied = scores == value
+        ranks[tied] = ranks[tied].mean()
+    u = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
+    return float(u / (len(positive) * len(negative)))
+
+
+def score_decisions(queries: list[LabelledQuery], top_ids: list[str], confidences: np.ndarray,
+                    threshold: float) -> dict:
+    """The metric keys of ``qa-app eval`` from each query's top candidate and confidence."""
+    confidences = np.asarray(confidences, dtype=np.float64)
+    in_scope = np.array([q.expected_id is not None for q in queries])
+    correct_top = np.array([q.expected_id is not None and q.expected_id == t for q, t in zip(queries, top_ids)])
+    accepted = confidences >= threshold
+    n_in, n_out = int(in_scope.sum()), int((~in_scope).sum())
+    per_kind: dict[str, list[bool]] = defaultdict(list)
+    for q, ok_top, acc in zip(queries, correct_top, accepted):
+        per_kind[q.kind].append(bool(acc and ok_top) if q.expected_id is not None else bool(not acc))
+    return {
+        "queries": len(queries),
+        "in_scope": n_in,
+        "must_reject": n_out,
+        "threshold": threshold,
+        "in_scope_top1": float(correct_top[in_scope].mean()) if n_in else float("nan"),
+        "answered_correctly": float((correct_top & accepted)[in_scope].mean()) if n_in else float("nan"),
+        "false_accept_rate": float(accepted[~in_scope].mean()) if n_out else float("nan"),
+        "false_reject_rate": float((~accepted)[in_scope].mean()) if n_in else float("nan"),
+        "auroc": auroc(confidences[in_scope], confidences[~in_scope]),
+        "per_kind_accuracy": {k: float(np.mean(v)) for k, v in sorted(per_kind.items())},
+    }
+
+
+def evaluate(engine: QAEngine, npc: str, queries: list[LabelledQuery], batch_size: int = 1) -> dict:
+    """Run every query through the engine. batch_size 1 measures single-question latency."""
+    top_ids, confidences, latencies = [], [], []
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start:start + batch_size]
+        began = time.perf_counter()
+        answers = engine.ask_batch(npc, [q.query for q in chunk])
+        latencies.append((time.perf_counter() - began) * 1000.0 / len(chunk))
+        top_ids += [a.candidates[0].id if a.candidates else None for a in answers]
+        confidences += [a.confidence for a in answers]
+    metrics = score_decisions(queries, top_ids, np.array(confidences), engine.threshold)
+    metrics.update(typo_metrics(engine, npc, queries, dict(zip([q.query for q in queries], top_ids))))
+    metrics["latency_p50_ms"] = float(np.percentile(latencies, 50))
+    metrics["latency_p99_ms"] = float(np.percentile(latencies, 99))
+    metrics["latency_batch_size"] = batch_size
+    return metrics
+
+
+def typo_metrics(engine: QAEngine, npc: str, queries: list[LabelledQuery], top_by_query: dict) -> dict:
+    """Top-1 on misspelt queries against the same queries written cleanly (where the set gives them)."""
+    pairs = [q for q in queries if q.kind == "typo" and q.clean and q.expected_id]
+    if not pairs:
+        return {}
+    clean_answers = engine.ask_batch(npc, [q.clean for q in pairs])
+    typo_ok = np.mean([top_by_query[q.query] == q.expected_id for q in pairs])
+    clean_ok = np.mean([bool(a.candidates) and a.candidates[0].id == q.expected_id
+                        for a, q in zip(clean_answers, pairs)])
+    return {"typo_top1": float(typo_ok), "typo_clean_top1": float(clean_ok), "typo_pairs": len(pairs)}
+
+
+def evaluate_baseline(engine: QAEngine, npc: str, queries: list[LabelledQuery]) -> dict:
+    """Plain bi-encoder cosine: the query as typed, nearest KB question, accept above a cosine threshold.
+
+    The threshold is the one that gives a 10% false-accept rate on this very set: an upper bound for
+    the baseline, since a deployment cannot tune on its test questions.
+    """
+    index = engine._index(npc)
+    vectors = engine.encoder.encode([normalize(q.query) or q.query for q in queries])
+    scores, ids = search(index.index, vectors, 1)
+    top_ids = [index.kb.entries[int(index.owner[i])].id for i in ids[:, 0]]
+    cosines = scores[:, 0].astype(np.float64)
+    rejects = np.array([c for c, q in zip(cosines, queries) if q.expected_id is None])
+    threshold = float(np.quantile(rejects, 1 - BASELINE_TARGET_FAR)) if len(rejects) else 0.5
+    metrics = score_decisions(queries, top_ids, cosines, threshold)
+    metrics["threshold_rule"] = f"cosine at {BASELINE_TARGET_FAR:.0%} false accepts on this set"
+    return metrics

@@ -1,0 +1,1 @@
+"""Models: the text bi-encoder and the cross-encoder ranker (speech comes later)."""

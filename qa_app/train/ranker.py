@@ -1,0 +1,191 @@
+"""``qa-app train-ranker``: train the cross-encoder from the MiniLM weights, calibrate rejection, ship.
+
+Steps, all seeded: build groups from the training games (``ranker_data``), train with a listwise loss
+(the right entry against its recalled neighbours) plus a pointwise loss (absolute scores, so refusals
+are learnt), save fp16 safetensors, then fit the rejector's calibration on a game kept out of training
+and report the held-out metrics.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, BertForSequenceClassification
+
+from qa_app.config import Settings
+from qa_app.engine import QAEngine
+from qa_app.evaluate import evaluate
+from qa_app.kb import load_kb, load_queries
+from qa_app.models.loading import ASSETS_DIR, pick_device, resolve_model
+from qa_app.models.text_encoder import TextEncoder
+from qa_app.reject import Rejector, features
+from qa_app.train.ranker_data import Group, build_groups, general_questions, load_corpora
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RankerTrainConfig:
+    corpora: str = str(ASSETS_DIR / "train")
+    general_chat: str = str(ASSETS_DIR / "train" / "general_chat.txt")
+    calibration_game: str = "survivor_trader"   # kept out of training; fits the rejector
+    eval_kb_dir: str = str(ASSETS_DIR / "kb")     # bundled NPCs, never trained on: reported only
+    eval_dir: str = str(ASSETS_DIR / "eval")
+    base_model: str = "all-MiniLM-L6-v2"         # the ranker starts from these weights
+    text_encoder: str = "all-MiniLM-L6-v2"       # the bi-encoder whose recall the ranker learns to re-rank
+    output: str = str(ASSETS_DIR / "models" / "ranker")
+    device: str = "auto"
+    seed: int = 13
+    rank_k: int = 6
+    epochs: int = 3
+    groups_per_batch: int = 32
+    learning_rate: float = 4e-5
+    warmup_fraction: float = 0.1
+    max_length: int = 64
+    pointwise_weight: float = 1.0
+    target_false_accept: float = 0.05          # threshold chosen for this rate on the calibration game
+    limit_groups: int = 0                      # >0: train on this many groups only (CPU smoke test)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_model(groups: list[Group], config: RankerTrainConfig, device: torch.device):
+    source = resolve_model(config.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = BertForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32).to(device)
+    model.train()
+    steps_per_epoch = math.ceil(len(groups) / config.groups_per_batch)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    warmup = max(1, int(total_steps * config.warmup_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+    use_amp = device.type == "cuda"
+    rng = random.Random(config.seed)
+    history = []
+    bar = tqdm(total=total_steps, desc="train ranker", unit="step")
+    for epoch in range(config.epochs):
+        rng.shuffle(groups)
+        for start in range(0, len(groups), config.groups_per_batch):
+            batch = groups[start:start + config.groups_per_batch]
+            queries = [g.query for g in batch for _ in g.passages]
+            passages = [p for g in batch for p in g.passages]
+            labels = torch.tensor([l for g in batch for l in g.labels], dtype=torch.float32, device=device)
+            enc = tokenizer(queries, passages, padding=True, truncation="longest_first",
+                            max_length=config.max_length, return_tensors="pt").to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(**enc).logits[:, 0].float()
+            pointwise = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+            # Listwise: softmax over each answerable group's candidates, the right entry as the target.
+            listwise, n_lists, offset = logits.new_zeros(()), 0, 0
+            for g in batch:
+                size = len(g.passages)
+                if 1 in g.labels:
+                    listwise = listwise + torch.nn.functional.cross_entropy(
+                        logits[offset:offset + size].unsqueeze(0),
+                        torch.tensor([g.labels.index(1)], device=device))
+                    n_lists += 1
+                offset += size
+            loss = config.pointwise_weight * pointwise + listwise / max(1, n_lists)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            bar.update(1)
+            if bar.n % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
+                history.append({"step": bar.n, "epoch": epoch + 1, "loss": round(loss.item(), 4)})
+    bar.close()
+    model.eval()
+    return model, tokenizer, history
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    model.to(torch.float32)
+
+
+def fit_rejector(engine: QAEngine, npc: str, queries, target_far: float) -> tuple[Rejector, dict]:
+    """Calibrate on a game the ranker never saw: logistic fit, then the threshold for the target FAR."""
+    answers = engine.ask_batch(npc, [q.query for q in queries])
+    kept = [(q, a) for q, a in zip(queries, answers) if a.candidates]  # unreadable text is refused anyway
+    queries = [q for q, _ in kept]
+    feats = np.stack([features(np.array([c.rank_score for c in a.candidates]),
+                               np.array([c.recall_score for c in a.candidates])) for _, a in kept])
+    correct = np.array([q.expected_id is not None and a.candidates[0].id == q.expected_id for q, a in kept])
+    rejector = Rejector.fit(feats, correct)
+    confidence = rejector.confidence(feats)
+    must_reject = np.array([q.expected_id is None for q in queries])
+    # Lowest threshold whose false-accept rate on the calibration game stays within the target.
+    candidates = np.unique(np.concatenate([[0.5], confidence]))
+    ok = [t for t in candidates if (confidence[must_reject] >= t).mean() <= target_far]
+    threshold = float(min(ok)) if ok else 0.5
+    rejector = Rejector(rejector.weights, rejector.bias, rejector.mean, rejector.std, threshold)
+    return rejector, {"calibration_queries": len(queries), "threshold": threshold,
+                      "calibration_false_accept": float((confidence[must_reject] >= threshold).mean())}
+
+
+def train_ranker(config: RankerTrainConfig) -> dict:
+    _seed_everything(config.seed)
+    device = pick_device(config.device)
+    began = time.time()
+    corpora = load_corpora(config.corpora)
+    if config.calibration_game not in corpora:
+        raise ValueError(f"calibration game {config.calibration_game!r} not among {sorted(corpora)}")
+    calibration = corpora.pop(config.calibration_game)
+    encoder = TextEncoder(config.text_encoder, str(device))
+    groups = build_groups(corpora, encoder, general_questions(config.general_chat), config.rank_k, config.seed)
+    if config.limit_groups:
+        groups = groups[: config.limit_groups]
+    sources: dict[str, int] = {}
+    for g in groups:
+        sources[g.source] = sources.get(g.source, 0) + 1
+    log.info("training groups: %d (%s)", len(groups), sources)
+    model, tokenizer, history = train_model(groups, config, device)
+    output = Path(config.output)
+    save_model(model, tokenizer, output)
+    Rejector(np.zeros(4), 0.0, np.zeros(4), np.ones(4), 0.5).save(output)  # placeholder until fitted
+
+    settings = Settings(text_encoder=config.text_encoder, ranker=str(output), device=str(device),
+                        rank_k=config.rank_k)
+    engine = QAEngine(kbs={calibration.kb.npc: calibration.kb}, settings=settings)
+    rejector, calibration_report = fit_rejector(engine, calibration.kb.npc, calibration.queries,
+                                                config.target_false_accept)
+    report = {"config": asdict(config), "device": str(device), "training_groups": len(groups),
+              "group_sources": sources, "trained_on": sorted(corpora), "calibrated_on": config.calibration_game,
+              **calibration_report, "loss_history": history[-10:]}
+    rejector.save(output, {"trained_on": sorted(corpora), "calibrated_on": config.calibration_game})
+
+    engine.rejector = rejector
+    report["held_out"] = {config.calibration_game: _summary(evaluate(engine, calibration.kb.npc,
+                                                                     calibration.queries, batch_size=64))}
+    for kb_file in sorted(Path(config.eval_kb_dir).glob("*.jsonl")):
+        query_file = Path(config.eval_dir) / kb_file.name
+        if query_file.is_file():
+            kb = load_kb(kb_file)
+            engine.reload(kb)
+            report["held_out"][kb.npc] = _summary(evaluate(engine, kb.npc, load_queries(query_file), batch_size=64))
+    report["minutes"] = round((time.time() - began) / 60, 1)
+    (output / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _summary(metrics: dict) -> dict:
+    keys = ("in_scope_top1", "answered_correctly", "false_accept_rate", "false_reject_rate", "auroc",
+            "typo_top1", "typo_clean_top1")
+    return {k: round(metrics[k], 4) for k in keys if k in metrics}
