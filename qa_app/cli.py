@@ -145,18 +145,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _train_config(args, config_class) -> dict:
+    """A training config: the --config JSON file, then the flags given on the command line."""
+    values = json.loads(Path(args.config).read_text()) if args.config else {}
+    values.update({f.name: getattr(args, f.name) for f in fields(config_class)
+                   if getattr(args, f.name, None) is not None})
+    return values
+
+
 def cmd_train_ranker(args) -> int:
     from qa_app.train.ranker import RankerTrainConfig, train_ranker
 
-    values = {}
-    if args.config:
-        values.update(json.loads(Path(args.config).read_text()))
-    for f in fields(RankerTrainConfig):
-        override = getattr(args, f.name, None)
-        if override is not None:
-            values[f.name] = override
-    report = train_ranker(RankerTrainConfig(**values))
+    report = train_ranker(RankerTrainConfig(**_train_config(args, RankerTrainConfig)))
     print(json.dumps({k: report[k] for k in ("training_groups", "threshold", "held_out", "minutes")}, indent=2))
+    return 0
+
+
+def cmd_train_encoder(args) -> int:
+    from qa_app.train.encoder import EncoderTrainConfig, train_encoder
+
+    report = train_encoder(EncoderTrainConfig(**_train_config(args, EncoderTrainConfig)))
+    print(json.dumps({k: report[k] for k in ("pairs", "recall_top1", "minutes")}, indent=2))
     return 0
 
 
@@ -198,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--limit-groups", dest="limit_groups", type=int, help="train on N groups (smoke test)")
     p.set_defaults(func=cmd_train_ranker)
+
+    p = sub.add_parser("train-encoder", help="adapt the bi-encoder to players' questions (contrastive)")
+    p.add_argument("--config", help="JSON file of EncoderTrainConfig fields")
+    p.add_argument("--output")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int)
+    p.set_defaults(func=cmd_train_encoder)
     return parser
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from qa_app.reject import FEATURES, Rejector, features
+from qa_app.reject import FEATURES, Fusion, Rejector, features
 from qa_app.retrieval.index import build_index, load_index, save_index, search
 
 
@@ -50,12 +50,29 @@ def test_rejector_learns_a_monotone_calibrated_confidence(tmp_path):
     conf_good, conf_bad = rejector.confidence(good), rejector.confidence(bad)
     assert conf_good.min() >= 0 and conf_bad.max() <= 1
     assert (conf_good > 0.6).mean() > 0.95 and (conf_bad < 0.6).mean() > 0.95
-    rejector.save(tmp_path)
-    again = Rejector.load(tmp_path)
-    assert again.threshold == 0.6
+    rejector.save(tmp_path, Fusion(np.array([1.0, 2.0, 3.0])), {"passage": "question"})
+    again, fusion, record = Rejector.load(tmp_path)
+    assert again.threshold == 0.6 and record["passage"] == "question"
+    assert fusion.weights.tolist() == [1.0, 2.0, 3.0]
     assert np.allclose(again.confidence(good), conf_good)
 
 
 def test_missing_calibration_says_how_to_fix_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-ranker"):
         Rejector.load(tmp_path)
+
+
+def test_fusion_learns_which_signal_picks_the_right_candidate():
+    rng = np.random.default_rng(0)
+    lists, gold = [], []
+    for _ in range(200):
+        feats = rng.normal(size=(6, 3))
+        g = int(rng.integers(6))
+        feats[g, 1] += 2.0          # only the question cosine tells the gold apart
+        lists.append(feats)
+        gold.append(g)
+    fusion = Fusion.fit(lists, gold)
+    assert fusion.weights[1] > 3 * abs(fusion.weights[0]) and fusion.weights[1] > 3 * abs(fusion.weights[2])
+    picked = [int(np.argmax(fusion.score(f))) for f in lists]
+    oracle = [int(np.argmax(f[:, 1])) for f in lists]  # the best any rule can do here
+    assert np.mean(np.array(picked) == np.array(gold)) >= np.mean(np.array(oracle) == np.array(gold)) - 0.01

@@ -26,7 +26,7 @@ from qa_app.evaluate import evaluate
 from qa_app.kb import load_kb, load_queries
 from qa_app.models.loading import ASSETS_DIR, pick_device, resolve_model
 from qa_app.models.text_encoder import TextEncoder
-from qa_app.reject import Rejector, features
+from qa_app.reject import Fusion, Rejector, features
 from qa_app.train.ranker_data import Group, build_groups, general_questions, load_corpora
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,12 @@ class RankerTrainConfig:
     device: str = "auto"
     seed: int = 13
     rank_k: int = 6
+    passage: str = "question"                  # what the ranker reads per candidate: question | question_answer
     epochs: int = 3
     groups_per_batch: int = 32
     learning_rate: float = 4e-5
     warmup_fraction: float = 0.1
-    max_length: int = 64
+    max_length: int = 96
     pointwise_weight: float = 1.0
     target_false_accept: float = 0.05          # threshold chosen for this rate on the calibration game
     limit_groups: int = 0                      # >0: train on this many groups only (CPU smoke test)
@@ -120,24 +121,34 @@ def save_model(model, tokenizer, folder: Path) -> None:
     model.to(torch.float32)
 
 
-def fit_rejector(engine: QAEngine, npc: str, queries, target_far: float) -> tuple[Rejector, dict]:
-    """Calibrate on a game the ranker never saw: logistic fit, then the threshold for the target FAR."""
+def calibrate(engine: QAEngine, npc: str, queries, target_far: float) -> tuple[Rejector, Fusion, dict]:
+    """Fit the candidate fusion, then the rejector and its threshold, on a game the ranker never saw."""
+    answers = engine.ask_batch(npc, [q.query for q in queries])
+    lists, gold = [], []
+    for q, a in zip(queries, answers):
+        ids = [c.id for c in a.candidates]
+        if q.expected_id in ids:
+            lists.append(np.array([[c.ranker_logit, c.recall_score, c.answer_score] for c in a.candidates]))
+            gold.append(ids.index(q.expected_id))
+    engine.fusion = Fusion.fit(lists, gold)
+
     answers = engine.ask_batch(npc, [q.query for q in queries])
     kept = [(q, a) for q, a in zip(queries, answers) if a.candidates]  # unreadable text is refused anyway
-    queries = [q for q, _ in kept]
     feats = np.stack([features(np.array([c.rank_score for c in a.candidates]),
                                np.array([c.recall_score for c in a.candidates])) for _, a in kept])
     correct = np.array([q.expected_id is not None and a.candidates[0].id == q.expected_id for q, a in kept])
     rejector = Rejector.fit(feats, correct)
     confidence = rejector.confidence(feats)
-    must_reject = np.array([q.expected_id is None for q in queries])
+    must_reject = np.array([q.expected_id is None for q, _ in kept])
     # Lowest threshold whose false-accept rate on the calibration game stays within the target.
     candidates = np.unique(np.concatenate([[0.5], confidence]))
     ok = [t for t in candidates if (confidence[must_reject] >= t).mean() <= target_far]
     threshold = float(min(ok)) if ok else 0.5
     rejector = Rejector(rejector.weights, rejector.bias, rejector.mean, rejector.std, threshold)
-    return rejector, {"calibration_queries": len(queries), "threshold": threshold,
-                      "calibration_false_accept": float((confidence[must_reject] >= threshold).mean())}
+    return rejector, engine.fusion, {
+        "calibration_queries": len(kept), "threshold": threshold,
+        "fusion_weights": engine.fusion.weights.round(4).tolist(),
+        "calibration_false_accept": float((confidence[must_reject] >= threshold).mean())}
 
 
 def train_ranker(config: RankerTrainConfig) -> dict:
@@ -149,7 +160,8 @@ def train_ranker(config: RankerTrainConfig) -> dict:
         raise ValueError(f"calibration game {config.calibration_game!r} not among {sorted(corpora)}")
     calibration = corpora.pop(config.calibration_game)
     encoder = TextEncoder(config.text_encoder, str(device))
-    groups = build_groups(corpora, encoder, general_questions(config.general_chat), config.rank_k, config.seed)
+    groups = build_groups(corpora, encoder, general_questions(config.general_chat), config.rank_k, config.seed,
+                          config.passage)
     if config.limit_groups:
         groups = groups[: config.limit_groups]
     sources: dict[str, int] = {}
@@ -159,17 +171,20 @@ def train_ranker(config: RankerTrainConfig) -> dict:
     model, tokenizer, history = train_model(groups, config, device)
     output = Path(config.output)
     save_model(model, tokenizer, output)
-    Rejector(np.zeros(4), 0.0, np.zeros(4), np.ones(4), 0.5).save(output)  # placeholder until fitted
+    # Placeholder calibration (rank by the ranker alone) so the engine can load the model to calibrate it.
+    Rejector(np.zeros(4), 0.0, np.zeros(4), np.ones(4), 0.5).save(output, Fusion(np.array([1.0, 0.0, 0.0])),
+                                                                  {"passage": config.passage})
 
     settings = Settings(text_encoder=config.text_encoder, ranker=str(output), device=str(device),
                         rank_k=config.rank_k)
     engine = QAEngine(kbs={calibration.kb.npc: calibration.kb}, settings=settings)
-    rejector, calibration_report = fit_rejector(engine, calibration.kb.npc, calibration.queries,
-                                                config.target_false_accept)
+    rejector, fusion, calibration_report = calibrate(engine, calibration.kb.npc, calibration.queries,
+                                                     config.target_false_accept)
     report = {"config": asdict(config), "device": str(device), "training_groups": len(groups),
               "group_sources": sources, "trained_on": sorted(corpora), "calibrated_on": config.calibration_game,
               **calibration_report, "loss_history": history[-10:]}
-    rejector.save(output, {"trained_on": sorted(corpora), "calibrated_on": config.calibration_game})
+    rejector.save(output, fusion, {"passage": config.passage, "trained_on": sorted(corpora),
+                                   "calibrated_on": config.calibration_game})
 
     engine.rejector = rejector
     report["held_out"] = {config.calibration_game: _summary(evaluate(engine, calibration.kb.npc,

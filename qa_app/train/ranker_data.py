@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from qa_app.engine import NpcIndex
 from qa_app.kb import KnowledgeBase, LabelledQuery, load_kb, load_queries
 from qa_app.models.text_encoder import TextEncoder
+from qa_app.retrieval.index import search
 from qa_app.text.normalize import normalize
-from qa_app.text.spelling import SpellingCorrector
 
 _KEYBOARD_NEIGHBOURS = {
     "q": "wa", "w": "qes", "e": "wrd", "r": "etf", "t": "ryg", "y": "tuh", "u": "yij", "i": "uok", "o": "ipl",
@@ -101,67 +102,54 @@ def general_questions(path: str | Path | None) -> list[str]:
 
 
 class GroupBuilder:
-    """Makes groups for one KB, recalling candidates the way the engine does."""
+    """Makes groups for one KB, shortlisting candidates exactly as the engine does (``NpcIndex``)."""
 
-    def __init__(self, kb: KnowledgeBase, encoder: TextEncoder, rank_k: int) -> None:
+    def __init__(self, kb: KnowledgeBase, encoder: TextEncoder, rank_k: int, passage_mode: str,
+                 recall_k: int = 48) -> None:
         self.kb = kb
         self.encoder = encoder
-        self.rank_k = rank_k
-        self.questions, owners = [], []
-        for number, entry in enumerate(kb.entries):
-            for q in entry.questions:
-                self.questions.append(normalize(q))
-                owners.append(number)
-        self.owner = np.array(owners)
-        self.vectors = encoder.encode(self.questions)
-        self.speller = SpellingCorrector(kb)
+        self.rank_k, self.recall_k, self.passage_mode = rank_k, recall_k, passage_mode
+        self.index = NpcIndex(kb, encoder)
+        self.question_vectors = encoder.encode(self.index.questions)  # to place a missed gold entry
         self.entry_number = {e.id: n for n, e in enumerate(kb.entries)}
-
-    def prepare(self, text: str) -> str:
-        return self.speller.correct(normalize(text))
 
     def groups(self, anchors: list[tuple[str, str | None, str, set[int], set[int]]],
                force_gold: bool = True) -> list[Group]:
         """anchors: (text, expected id, source, excluded question numbers, excluded entry numbers)."""
-        texts = [self.prepare(a[0]) for a in anchors]
+        texts = [self.index.speller.correct(normalize(a[0])) for a in anchors]
         keep = [i for i, t in enumerate(texts) if t]
-        sims = self.encoder.encode([texts[i] for i in keep]) @ self.vectors.T  # [anchors, questions]
+        vectors = self.encoder.encode([texts[i] for i in keep])
+        scores, ids = search(self.index.index, vectors, self.recall_k + 8)
         out = []
-        for row, i in zip(sims, keep):
+        for vector, row_scores, row_ids, i in zip(vectors, scores, ids, keep):
             _, expected, source, no_questions, no_entries = anchors[i]
-            order = np.argsort(-row)
-            chosen: dict[int, int] = {}
-            for qid in order:
-                entry = int(self.owner[qid])
-                if qid in no_questions or entry in no_entries or entry in chosen:
-                    continue
-                chosen[entry] = int(qid)
-                if len(chosen) == self.rank_k:
-                    break
+            hits = [(int(q), float(c)) for q, c in zip(row_ids, row_scores) if q >= 0 and q not in no_questions]
+            chosen = self.index.shortlist(vector, hits[: self.recall_k], self.rank_k, no_questions, no_entries)
             gold = self.entry_number.get(expected) if expected else None
-            if gold is not None and gold not in chosen and force_gold and gold not in no_entries:
-                best = next((int(q) for q in order if self.owner[q] == gold and q not in no_questions), None)
-                if best is None:
+            if gold is not None and force_gold and gold not in {c[0] for c in chosen}:
+                allowed = [q for q in np.flatnonzero(self.index.owner == gold) if q not in no_questions]
+                if not allowed:
                     continue
-                chosen.popitem()
-                chosen[gold] = best
+                cosines = self.question_vectors[allowed] @ vector
+                best = int(np.argmax(cosines))
+                answer_cos = float(self.index.answer_vectors[gold] @ vector)
+                chosen = chosen[: self.rank_k - 1] + [(gold, int(allowed[best]), float(cosines[best]), answer_cos)]
             if not chosen:
                 continue
-            entries = list(chosen)
-            out.append(Group(texts[i], [self.questions[chosen[e]] for e in entries],
-                             [int(e == gold) for e in entries], source))
+            out.append(Group(texts[i], [self.index.passage(qid, self.passage_mode) for _, qid, _, _ in chosen],
+                             [int(e == gold) for e, _, _, _ in chosen], source))
         return out
 
 
 def build_groups(corpora: dict[str, Corpus], encoder: TextEncoder, other_questions: list[str],
-                 rank_k: int, seed: int, gold_removed_rate: float = 0.35, typo_copies: int = 1,
+                 rank_k: int, seed: int, passage_mode: str = "question", gold_removed_rate: float = 0.35, typo_copies: int = 1,
                  foreign_per_kb: int = 150) -> list[Group]:
     """All training groups for these games."""
     rng = random.Random(seed)
     foreign = {name: [q.query for q in c.queries if q.expected_id] for name, c in corpora.items()}
     groups: list[Group] = []
     for name, corpus in tqdm(corpora.items(), desc="ranker data", unit="game"):
-        builder = GroupBuilder(corpus.kb, encoder, rank_k)
+        builder = GroupBuilder(corpus.kb, encoder, rank_k, passage_mode)
         anchors: list[tuple[str, str | None, str, set[int], set[int]]] = []
         positives: list[tuple[str, str, set[int]]] = []
         for q in corpus.queries:
