@@ -136,6 +136,11 @@ def cmd_eval(args) -> int:
         if args.baseline and key in metrics["baseline"]:
             line += f"{metrics['baseline'][key]:>10.3f}"
         print(line)
+    at_far = metrics["at_10pct_far"]
+    line = f"{'answered@10%FAR':<22}{at_far['answered_correctly']:>10.3f}"
+    if args.baseline:
+        line += f"{metrics['baseline']['answered_correctly']:>10.3f}"
+    print(line + "   (threshold set for 10% false accepts on this set, both columns)")
     print("per kind (accepted-and-correct for answerable kinds, rejected for the others):")
     for kind, value in metrics["per_kind_accuracy"].items():
         base = metrics["baseline"]["per_kind_accuracy"].get(kind) if args.baseline else None
@@ -157,7 +162,7 @@ def cmd_train_ranker(args) -> int:
     from qa_app.train.ranker import RankerTrainConfig, train_ranker
 
     report = train_ranker(RankerTrainConfig(**_train_config(args, RankerTrainConfig)))
-    print(json.dumps({k: report[k] for k in ("training_groups", "threshold", "held_out", "minutes")}, indent=2))
+    print(json.dumps({k: report.get(k) for k in ("training_groups", "threshold", "held_out", "minutes")}, indent=2))
     return 0
 
 
@@ -206,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--limit-groups", dest="limit_groups", type=int, help="train on N groups (smoke test)")
+    p.add_argument("--calibrate-only", dest="calibrate_only", action="store_true", default=None,
+                   help="keep the trained model at --output; refit fusion, rejector and threshold")
+    p.add_argument("--target-false-accept", dest="target_false_accept", type=float,
+                   help="false-accept rate the threshold is set for on the calibration game")
     p.set_defaults(func=cmd_train_ranker)
 
     p = sub.add_parser("train-encoder", help="adapt the bi-encoder to players' questions (contrastive)")

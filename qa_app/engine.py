@@ -154,6 +154,12 @@ class NpcIndex:
         return index_file
 
 
+def candidate_features(candidates: list[Candidate]) -> np.ndarray:
+    """The rejector's features of one ranked candidate list."""
+    return features(*(np.array([getattr(c, name) for c in candidates])
+                      for name in ("rank_score", "recall_score", "ranker_logit", "answer_score")))
+
+
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
@@ -167,13 +173,15 @@ class QAEngine:
         if kbs is None:
             kbs = load_kb_dir(kb_dir or self.settings.kb_dir)
         self.encoder = TextEncoder(self.settings.text_encoder, self.settings.device)
-        self.ranker = Ranker(self.settings.ranker, self.settings.device) if self.settings.ranker else None
+        self.ranker = (Ranker(self.settings.ranker, self.settings.device, cpu_int8=self.settings.cpu_int8)
+                       if self.settings.ranker else None)
         self.rejector: Rejector | None = None
         self.fusion: Fusion | None = None
         self.passage_mode = "question"
         if self.ranker:
             self.rejector, self.fusion, calibration = Rejector.load(self.ranker.source)
             self.passage_mode = calibration.get("passage", "question")
+            self.ranker.max_length = int(calibration.get("max_length", self.ranker.max_length))
         self._npcs: dict[str, NpcIndex] = {}
         self._lock = threading.Lock()
         for npc, kb in kbs.items():
@@ -298,17 +306,16 @@ class QAEngine:
               shortlists: list[list[tuple[int, int, float, float]]]) -> list[list[Candidate]]:
         if not queries:
             return []
-        pairs_q = [q for q, shortlist in zip(queries, shortlists) for _ in shortlist]
-        pairs_p = [index.passage(qid, self.passage_mode) for shortlist in shortlists for _, qid, _, _ in shortlist]
-        logits = self.ranker.score(pairs_q, pairs_p) if self.ranker else np.zeros(len(pairs_q), dtype=np.float32)
-        ranked, offset = [], 0
-        for shortlist in shortlists:
-            feats = np.array([[logits[offset + j], cq, ca] for j, (_, _, cq, ca) in enumerate(shortlist)])
+        passages = [[index.passage(qid, self.passage_mode) for _, qid, _, _ in shortlist] for shortlist in shortlists]
+        logit_lists = (self.ranker.score_lists(queries, passages) if self.ranker
+                       else [np.zeros(len(p), dtype=np.float32) for p in passages])
+        ranked = []
+        for shortlist, logits in zip(shortlists, logit_lists):
+            feats = np.array([[logit, cq, ca] for logit, (_, _, cq, ca) in zip(logits, shortlist)])
             final = self.fusion.score(feats) if self.fusion else feats[:, 1] + ANSWER_WEIGHT * feats[:, 2]
             candidates = [Candidate(index.kb.entries[e].id, index.original_questions[qid], index.kb.entries[e].answer,
-                                    cq, ca, float(logits[offset + j]), float(final[j]))
-                          for j, (e, qid, cq, ca) in enumerate(shortlist)]
-            offset += len(shortlist)
+                                    cq, ca, float(logit), float(score))
+                          for (e, qid, cq, ca), logit, score in zip(shortlist, logits, final)]
             candidates.sort(key=lambda c: -c.rank_score)
             ranked.append(candidates)
         return ranked
@@ -316,6 +323,4 @@ class QAEngine:
     def _confidence(self, candidates: list[Candidate]) -> float:
         if self.rejector is None:
             return max(0.0, min(1.0, candidates[0].recall_score))
-        feats = features(np.array([c.rank_score for c in candidates]),
-                         np.array([c.recall_score for c in candidates]))
-        return float(self.rejector.confidence(feats)[0])
+        return float(self.rejector.confidence(candidate_features(candidates))[0])

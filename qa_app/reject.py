@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURES = ("rank_top1", "rank_margin", "recall_top1_of_ranked", "recall_best")
+FEATURES = ("rank_top1", "rank_margin", "recall_top1_of_ranked", "recall_best", "ranker_logit_top1",
+            "answer_cosine_top1")
 CANDIDATE_FEATURES = ("ranker_logit", "question_cosine", "answer_cosine")
 CALIBRATION_FILE = "calibration.json"
 
@@ -53,16 +54,17 @@ class Fusion:
         return cls(w / scale)
 
 
-def features(rank_scores: np.ndarray, recall_scores: np.ndarray) -> np.ndarray:
+def features(rank_scores: np.ndarray, recall_scores: np.ndarray, ranker_logits: np.ndarray,
+             answer_scores: np.ndarray) -> np.ndarray:
     """Signals of one query's candidates, already sorted best-first by rank score.
 
-    rank_scores: ranker logits [k]; recall_scores: bi-encoder cosines of the same candidates [k].
+    Each argument is [k]: fused rank scores, question cosines, ranker logits, answer cosines.
     """
     top = float(rank_scores[0])
     # With a single candidate there is no runner-up: treat it as a confident margin.
     second = float(rank_scores[1]) if len(rank_scores) > 1 else top - 10.0
-    return np.array([top, min(top - second, 10.0), float(recall_scores[0]), float(recall_scores.max())],
-                    dtype=np.float64)
+    return np.array([top, min(top - second, 10.0), float(recall_scores[0]), float(recall_scores.max()),
+                     float(ranker_logits[0]), float(answer_scores[0])], dtype=np.float64)
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,11 @@ def engine():
 
 
 @pytest.fixture(scope="session")
-def encoder(engine):
-    return engine.encoder
+def encoder():
+    from qa_app.config import Settings
+    from qa_app.models.text_encoder import TextEncoder
+
+    return TextEncoder(Settings().text_encoder, device="cpu")
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:

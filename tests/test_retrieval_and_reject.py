@@ -35,9 +35,9 @@ def test_unknown_index_kind_is_refused():
 
 
 def test_features_of_a_single_candidate_assume_a_wide_margin():
-    f = features(np.array([3.0]), np.array([0.8]))
-    assert f.tolist() == [3.0, 10.0, 0.8, 0.8]
-    assert len(FEATURES) == 4
+    f = features(np.array([3.0]), np.array([0.8]), np.array([1.5]), np.array([0.6]))
+    assert f.tolist() == [3.0, 10.0, 0.8, 0.8, 1.5, 0.6]
+    assert len(f) == len(FEATURES)
 
 
 def test_rejector_learns_a_monotone_calibrated_confidence(tmp_path):

@@ -57,3 +57,16 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic INT8 weights for every Linear layer: 3-4x faster BERT inference on a CPU.
+
+    Activations are quantized per batch on the fly, so no calibration data is needed; the rejector is
+    calibrated on the quantized model's scores, as served.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch points users at torchao; the eager API still does this job
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

@@ -55,6 +55,10 @@ class Pair:
 
 
 def make_pairs(config: EncoderTrainConfig, encoder: TextEncoder) -> list[Pair]:
+    """(player question, another phrasing or the answer of its entry, a question of a wrong entry).
+
+    The wrong entry is one the base encoder ranks highest for that very question: the confusion to unlearn.
+    """
     rng = random.Random(config.seed)
     corpora = load_corpora(config.corpora)
     corpora.pop(config.held_out_game, None)
@@ -62,24 +66,24 @@ def make_pairs(config: EncoderTrainConfig, encoder: TextEncoder) -> list[Pair]:
     for game, corpus in tqdm(corpora.items(), desc="encoder pairs", unit="game"):
         entries = corpus.kb.entries
         texts = [[normalize(q) for q in e.questions] + [normalize(e.answer)] for e in entries]
-        centroids = encoder.encode([" ".join(t) for t in texts])
-        # The nearest other entry (by centroid) supplies the hard negative.
-        sims = centroids @ centroids.T
-        np.fill_diagonal(sims, -1)
-        nearest = sims.argmax(1)
+        questions = [(i, normalize(q)) for i, e in enumerate(entries) for q in e.questions]
+        owner = np.array([i for i, _ in questions])
+        question_vectors = encoder.encode([q for _, q in questions])
         number = {e.id: i for i, e in enumerate(entries)}
         anchors: list[tuple[str, int, int | None]] = []  # (text, entry, index of the phrasing to skip)
         for q in corpus.queries:
             if q.expected_id in number:
-                anchors.append((q.query, number[q.expected_id], None))
+                anchors.append((normalize(q.query), number[q.expected_id], None))
         for i, entry in enumerate(entries):
             if len(entry.questions) > 1:
-                anchors += [(question, i, j) for j, question in enumerate(entry.questions)]
-        for text, i, skip in anchors:
+                anchors += [(normalize(question), i, j) for j, question in enumerate(entry.questions)]
+        sims = encoder.encode([a for a, _, _ in anchors]) @ question_vectors.T  # [anchors, questions]
+        for (text, i, skip), row in zip(anchors, sims):
             options = [t for j, t in enumerate(texts[i]) if j != skip]
-            negative = rng.choice(texts[nearest[i]])
-            for variant in [text] + [misspell(normalize(text), rng) for _ in range(config.typo_copies)]:
-                pairs.append(Pair(normalize(variant), rng.choice(options), negative, (game, entries[i].id)))
+            wrong = [int(q) for q in np.argsort(-row) if owner[q] != i][:3]
+            for variant in [text] + [misspell(text, rng) for _ in range(config.typo_copies)]:
+                negative = questions[rng.choice(wrong)][1]
+                pairs.append(Pair(variant, rng.choice(options), negative, (game, entries[i].id)))
     rng.shuffle(pairs)
     return pairs
 

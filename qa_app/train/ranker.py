@@ -21,12 +21,12 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from qa_app.config import Settings
-from qa_app.engine import QAEngine
+from qa_app.engine import QAEngine, candidate_features
 from qa_app.evaluate import evaluate
 from qa_app.kb import load_kb, load_queries
 from qa_app.models.loading import ASSETS_DIR, pick_device, resolve_model
 from qa_app.models.text_encoder import TextEncoder
-from qa_app.reject import Fusion, Rejector, features
+from qa_app.reject import FEATURES, Fusion, Rejector
 from qa_app.train.ranker_data import Group, build_groups, general_questions, load_corpora
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,14 @@ class RankerTrainConfig:
     calibration_game: str = "survivor_trader"   # kept out of training; fits the rejector
     eval_kb_dir: str = str(ASSETS_DIR / "kb")     # bundled NPCs, never trained on: reported only
     eval_dir: str = str(ASSETS_DIR / "eval")
-    base_model: str = "all-MiniLM-L6-v2"         # the ranker starts from these weights
-    text_encoder: str = "all-MiniLM-L6-v2"       # the bi-encoder whose recall the ranker learns to re-rank
+    # The ranker starts from MiniLM weights: those of the fine-tuned bi-encoder (qa-app train-encoder), whose
+    # recall it also learns to re-rank. "all-MiniLM-L6-v2" for both trains from the untouched weights.
+    base_model: str = "text-encoder"
+    text_encoder: str = "text-encoder"
     output: str = str(ASSETS_DIR / "models" / "ranker")
     device: str = "auto"
     seed: int = 13
-    rank_k: int = 6
+    rank_k: int = 4
     passage: str = "question"                  # what the ranker reads per candidate: question | question_answer
     epochs: int = 3
     groups_per_batch: int = 32
@@ -54,6 +56,7 @@ class RankerTrainConfig:
     pointwise_weight: float = 1.0
     target_false_accept: float = 0.05          # threshold chosen for this rate on the calibration game
     limit_groups: int = 0                      # >0: train on this many groups only (CPU smoke test)
+    calibrate_only: bool = False               # keep the model at `output`, refit fusion, rejector, threshold
 
 
 def _seed_everything(seed: int) -> None:
@@ -134,8 +137,7 @@ def calibrate(engine: QAEngine, npc: str, queries, target_far: float) -> tuple[R
 
     answers = engine.ask_batch(npc, [q.query for q in queries])
     kept = [(q, a) for q, a in zip(queries, answers) if a.candidates]  # unreadable text is refused anyway
-    feats = np.stack([features(np.array([c.rank_score for c in a.candidates]),
-                               np.array([c.recall_score for c in a.candidates])) for _, a in kept])
+    feats = np.stack([candidate_features(a.candidates) for _, a in kept])
     correct = np.array([q.expected_id is not None and a.candidates[0].id == q.expected_id for q, a in kept])
     rejector = Rejector.fit(feats, correct)
     confidence = rejector.confidence(feats)
@@ -159,31 +161,37 @@ def train_ranker(config: RankerTrainConfig) -> dict:
     if config.calibration_game not in corpora:
         raise ValueError(f"calibration game {config.calibration_game!r} not among {sorted(corpora)}")
     calibration = corpora.pop(config.calibration_game)
-    encoder = TextEncoder(config.text_encoder, str(device))
-    groups = build_groups(corpora, encoder, general_questions(config.general_chat), config.rank_k, config.seed,
-                          config.passage)
-    if config.limit_groups:
-        groups = groups[: config.limit_groups]
-    sources: dict[str, int] = {}
-    for g in groups:
-        sources[g.source] = sources.get(g.source, 0) + 1
-    log.info("training groups: %d (%s)", len(groups), sources)
-    model, tokenizer, history = train_model(groups, config, device)
     output = Path(config.output)
-    save_model(model, tokenizer, output)
+    report = {"config": asdict(config), "device": str(device), "trained_on": sorted(corpora)}
+    if config.calibrate_only:  # keep what the training run recorded; redo calibration and held-out numbers
+        report = {**json.loads((output / "training_report.json").read_text()), "recalibration": asdict(config)}
+    else:
+        encoder = TextEncoder(config.text_encoder, str(device))
+        groups = build_groups(corpora, encoder, general_questions(config.general_chat), config.rank_k,
+                              config.seed, config.passage)
+        if config.limit_groups:
+            groups = groups[: config.limit_groups]
+        sources: dict[str, int] = {}
+        for g in groups:
+            sources[g.source] = sources.get(g.source, 0) + 1
+        log.info("training groups: %d (%s)", len(groups), sources)
+        model, tokenizer, history = train_model(groups, config, device)
+        save_model(model, tokenizer, output)
+        report.update(training_groups=len(groups), group_sources=sources, loss_history=history[-10:])
     # Placeholder calibration (rank by the ranker alone) so the engine can load the model to calibrate it.
-    Rejector(np.zeros(4), 0.0, np.zeros(4), np.ones(4), 0.5).save(output, Fusion(np.array([1.0, 0.0, 0.0])),
-                                                                  {"passage": config.passage})
+    n = len(FEATURES)
+    Rejector(np.zeros(n), 0.0, np.zeros(n), np.ones(n), 0.5).save(
+        output, Fusion(np.array([1.0, 0.0, 0.0])), {"passage": config.passage, "max_length": config.max_length})
 
+    # Calibrated as served: on CPU that means the INT8 ranker (Settings' default).
     settings = Settings(text_encoder=config.text_encoder, ranker=str(output), device=str(device),
                         rank_k=config.rank_k)
     engine = QAEngine(kbs={calibration.kb.npc: calibration.kb}, settings=settings)
     rejector, fusion, calibration_report = calibrate(engine, calibration.kb.npc, calibration.queries,
                                                      config.target_false_accept)
-    report = {"config": asdict(config), "device": str(device), "training_groups": len(groups),
-              "group_sources": sources, "trained_on": sorted(corpora), "calibrated_on": config.calibration_game,
-              **calibration_report, "loss_history": history[-10:]}
-    rejector.save(output, fusion, {"passage": config.passage, "trained_on": sorted(corpora),
+    report.update(calibrated_on=config.calibration_game, **calibration_report)
+    rejector.save(output, fusion, {"passage": config.passage, "max_length": config.max_length,
+                                   "trained_on": report["trained_on"],
                                    "calibrated_on": config.calibration_game})
 
     engine.rejector = rejector
