@@ -22,6 +22,12 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank-k", type=int, help="entries the ranker reads per question")
 
 
+def _server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", metavar="HOST:PORT", help="ask a running qa-app server instead")
+    parser.add_argument("--token", help="bearer token for a server that requires one")
+    parser.add_argument("--tls-ca", help="PEM CA certificate to verify a TLS server")
+
+
 def _make_engine(args):
     from qa_app.engine import QAEngine
 
@@ -67,7 +73,26 @@ def format_answer(answer) -> str:
     return "\n".join(lines)
 
 
+def _remote(args):
+    from qa_app.client import NpcClient
+
+    return NpcClient(args.server, token=args.token, tls_ca=args.tls_ca)
+
+
+def format_remote_answer(answer) -> str:
+    head = "[no answer] I don't know that one." if answer.rejected else answer.text
+    timing = " ".join(f"{k}={v:.1f}" for k, v in answer.timings_ms.items())
+    return f"{head}\n  entry {answer.id or '-'}, confidence {answer.confidence:.2f}\n  timing ms (server): {timing}"
+
+
 def cmd_ask(args) -> int:
+    if args.server:
+        from google.protobuf.json_format import MessageToJson
+
+        with _remote(args) as client:
+            answer = client.ask(args.npc or "quartermaster", args.question)
+        print(MessageToJson(answer) if args.json else format_remote_answer(answer))
+        return 0
     engine = _make_engine(args)
     answer = engine.ask(_pick_npc(engine, args.npc), args.question)
     print(json.dumps(answer_json(answer), indent=2) if args.json else format_answer(answer))
@@ -77,6 +102,8 @@ def cmd_ask(args) -> int:
 def cmd_chat(args) -> int:
     from qa_app.engine import QueryError
 
+    if args.server:
+        return _chat_remote(args)
     engine = _make_engine(args)
     npc = _pick_npc(engine, args.npc)
     print(f"Talking to {npc} ({len(engine.knowledge_base(npc))} entries). Ctrl-D or Ctrl-C to leave.")
@@ -92,6 +119,39 @@ def cmd_chat(args) -> int:
             print(format_answer(engine.ask(npc, text)))
         except QueryError as err:
             print(f"  {err}")
+
+
+def _chat_remote(args) -> int:
+    import grpc
+
+    with _remote(args) as client:
+        npc = args.npc or client.list_npcs()[0].name
+        print(f"Talking to {npc} at {args.server}. Ctrl-D or Ctrl-C to leave.")
+        while True:
+            try:
+                text = input("you> ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if not text.strip():
+                continue
+            try:
+                print(format_remote_answer(client.ask(npc, text)))
+            except grpc.RpcError as err:
+                print(f"  server: {err.code().name}: {err.details()}")
+
+
+def cmd_serve(args) -> int:
+    import asyncio
+
+    from qa_app.server.service import serve
+
+    logging.getLogger("qa_app").setLevel(logging.INFO)
+    settings = Settings.from_env(kb_dir=args.kb_dir, device=args.device, host=args.host, port=args.port,
+                                 workers=args.workers, max_queue=args.max_queue, auth_token=args.token,
+                                 tls_cert=args.tls_cert, tls_key=args.tls_key)
+    asyncio.run(serve(settings))
+    return 0
 
 
 def cmd_build_index(args) -> int:
@@ -181,15 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="talk to an NPC in the terminal")
     _engine_args(p)
+    _server_args(p)
     p.add_argument("--npc", help="NPC name (a KB file stem); default: the first")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("ask", help="ask one question")
     _engine_args(p)
+    _server_args(p)
     p.add_argument("--npc", help="NPC name (a KB file stem); default: the first")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.add_argument("question")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("serve", help="run the gRPC service (Ctrl-C or SIGTERM drains and stops it)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
+    p.add_argument("--kb-dir", type=Path, help="folder of knowledge bases, one NPC per file")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, help="engine calls running at once")
+    p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--token", help="require 'authorization: Bearer TOKEN' on every call (or QA_AUTH_TOKEN)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-index", help="build and save a KB's faiss index beside it")
     p.add_argument("--kb", type=Path, required=True)
@@ -240,3 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     except (KnowledgeBaseError, QueryError, UnknownNpcError, ModelNotFoundError, FileNotFoundError) as err:
         print(f"qa-app: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a server's refusal (grpc.RpcError) is reported, not dumped as a traceback
+        import grpc
+
+        if isinstance(err, grpc.RpcError):
+            print(f"qa-app: server said {err.code().name}: {err.details()}", file=sys.stderr)
+            return 2
+        raise

@@ -22,6 +22,18 @@ class Settings:
     max_query_chars: int = 500           # longer text is truncated with a warning
     spelling: bool = True
     cpu_int8: bool = True                # on CPU, run the ranker with dynamic INT8 Linear layers (~4x faster)
+    # gRPC server
+    host: str = "127.0.0.1"              # loopback unless told otherwise
+    port: int = 50051
+    workers: int = 2                     # engine calls running at once
+    max_queue: int = 256                 # requests waiting for a worker; more get RESOURCE_EXHAUSTED
+    max_text_chars: int = 10_000         # longer questions are INVALID_ARGUMENT (the engine truncates shorter ones)
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_concurrent_streams: int = 1024   # HTTP/2 streams per connection
+    auth_token: str | None = None        # when set, every call needs "authorization: Bearer <token>"
+    tls_cert: Path | None = None         # PEM certificate chain and key: serve TLS instead of plaintext
+    tls_key: Path | None = None
+    shutdown_grace_s: float = 10.0       # on SIGTERM/SIGINT, time in-flight requests get to finish
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -38,8 +50,10 @@ class Settings:
 
 def _parse(name: str, raw: str, default):
     try:
-        if name in ("threshold",):
+        if name in ("threshold", "shutdown_grace_s"):
             return float(raw)
+        if name in ("tls_cert", "tls_key"):
+            return Path(raw)
         if isinstance(default, bool):
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError(raw)

@@ -1,0 +1,245 @@
+"""The async gRPC servicer: validation, status codes, deadlines, load shedding, health, reflection, auth."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from qa_app.config import Settings
+from qa_app.engine import Answer, QAEngine, QueryError, UnknownNpcError
+from qa_app.kb import KnowledgeBaseError, load_kb
+from qa_app.proto import npc_qa_pb2 as pb
+from qa_app.proto import npc_qa_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NpcQA"].full_name  # "npcqa.v1.NpcQA"
+
+
+def answer_message(answer: Answer, request_id: str, debug: bool, queue_ms: float) -> pb.Answer:
+    message = pb.Answer(
+        id=answer.id or "", text=answer.answer or "", confidence=answer.confidence, rejected=answer.rejected,
+        normalized_query=answer.normalized_query, npc=answer.npc, warnings=answer.warnings, request_id=request_id,
+        entities=[pb.Entity(name=m.name, text=m.text, score=m.score, entry_ids=m.entry_ids)
+                  for m in answer.entities])
+    message.timings_ms.update(answer.timings_ms)
+    message.timings_ms["queue"] = queue_ms
+    if debug:
+        message.candidates.extend(pb.Candidate(id=c.id, question=c.question, recall_score=c.recall_score,
+                                               answer_score=c.answer_score, ranker_logit=c.ranker_logit,
+                                               rank_score=c.rank_score) for c in answer.candidates)
+    return message
+
+
+class NpcQAService(pb_grpc.NpcQAServicer):
+    """Answers typed questions with a shared engine; sheds load instead of queueing without bound."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine: QAEngine | None = None      # set once loaded; until then calls get UNAVAILABLE
+        self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="engine")
+        self._slots = asyncio.Semaphore(settings.workers)
+        self._waiting = 0
+
+    async def _abort(self, context, code: grpc.StatusCode, message: str, request_id: str):
+        log.info("request=%s %s: %s", request_id, code.name, message)
+        await context.abort(code, message)
+
+    async def _answer(self, request: pb.AskRequest, context) -> pb.Answer:
+        request_id = uuid.uuid4().hex[:12]
+        if self.engine is None:
+            await self._abort(context, grpc.StatusCode.UNAVAILABLE, "the server is still loading its models", request_id)
+        if not request.npc:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "npc is required (see ListNpcs)", request_id)
+        if not request.text.strip():
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "text is empty: send the player's question",
+                              request_id)
+        if len(request.text) > self.settings.max_text_chars:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"text is {len(request.text)} characters; the limit is {self.settings.max_text_chars}",
+                              request_id)
+        if request.npc not in self.engine.npcs:
+            await self._abort(context, grpc.StatusCode.NOT_FOUND,
+                              f"unknown NPC {request.npc!r}; known NPCs: {', '.join(self.engine.npcs)}", request_id)
+        if self._waiting >= self.settings.max_queue:
+            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"server busy ({self._waiting} requests waiting); retry after a short back-off",
+                              request_id)
+        queued = time.perf_counter()
+        self._waiting += 1
+        try:
+            await self._slots.acquire()  # a cancelled client leaves the queue here, counted out below
+        finally:
+            self._waiting -= 1
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                # The client has given up: drop the work rather than spend a worker on it.
+                await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  "deadline passed while waiting for a worker", request_id)
+            queue_ms = (time.perf_counter() - queued) * 1000
+            answer = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.engine.ask, request.npc, request.text, request.top_k or None)
+        except QueryError as err:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err), request_id)
+        except UnknownNpcError as err:  # removed by a reload after the check above
+            await self._abort(context, grpc.StatusCode.NOT_FOUND, str(err), request_id)
+        finally:
+            self._slots.release()
+        log.info("request=%s npc=%s player=%s id=%s confidence=%.3f rejected=%s total_ms=%.1f", request_id,
+                 request.npc, request.player_id, answer.id, answer.confidence, answer.rejected,
+                 answer.timings_ms.get("total", 0.0))
+        return answer_message(answer, request_id, request.debug, queue_ms)
+
+    async def Ask(self, request, context):
+        return await self._answer(request, context)
+
+    async def Chat(self, request_iterator, context):
+        async for request in request_iterator:
+            yield await self._answer(request, context)
+
+    async def Talk(self, request_iterator, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "voice (Talk) is not available on this server yet: the speech path has not shipped; "
+                            "send typed questions with Ask or Chat")
+
+    async def ListNpcs(self, request, context):
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its models")
+        return pb.ListNpcsResponse(npcs=[self._npc_info(npc) for npc in self.engine.npcs])
+
+    def _npc_info(self, npc: str) -> pb.NpcInfo:
+        index = self.engine._index(npc)
+        return pb.NpcInfo(name=npc, entries=len(index.kb), questions=len(index.questions))
+
+    async def ReloadKnowledgeBase(self, request, context):
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is still loading its models")
+        if not request.npc or "/" in request.npc or "\\" in request.npc or request.npc.startswith("."):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "npc must be a knowledge-base file stem")
+        path = self.settings.kb_dir / f"{request.npc}.jsonl"
+        if not path.is_file():
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no knowledge base {path.name} in the server's KB folder")
+        began = time.perf_counter()
+        try:
+            kb = load_kb(path)
+        except KnowledgeBaseError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"knowledge base rejected, old one kept: {err}")
+        # Indexing runs on a worker thread; the swap itself is atomic, so in-flight asks finish on the old index.
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.reload, kb)
+        log.info("reloaded NPC %s from %s (%d entries)", kb.npc, path, len(kb))
+        return pb.ReloadResponse(npc=self._npc_info(kb.npc), build_ms=(time.perf_counter() - began) * 1000)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but health checks must carry ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if metadata.get("authorization") == self._expected:
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        return _refusing(handler)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that fails with UNAUTHENTICATED."""
+    async def refuse(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (metadata "
+                            "'authorization: Bearer <token>')")
+
+    async def refuse_stream(request_or_iterator, context):
+        await refuse(request_or_iterator, context)
+        yield  # pragma: no cover - abort raises first
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
+                                                    handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, handler.request_deserializer,
+                                                 handler.response_serializer)
+
+
+class NpcServer:
+    """The gRPC server around one engine: bind, load, serve, drain."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        interceptors = [BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else []
+        options = [("grpc.max_receive_message_length", settings.max_message_bytes),
+                   ("grpc.max_send_message_length", settings.max_message_bytes),
+                   ("grpc.max_concurrent_streams", settings.max_concurrent_streams)]
+        self.server = grpc.aio.server(interceptors=interceptors, options=options)
+        self.service = NpcQAService(settings)
+        pb_grpc.add_NpcQAServicer_to_server(self.service, self.server)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        address = f"{settings.host}:{settings.port}"
+        if settings.tls_cert or settings.tls_key:
+            if not (settings.tls_cert and settings.tls_key):
+                raise ValueError("TLS needs both a certificate (--tls-cert) and a key (--tls-key)")
+            credentials = grpc.ssl_server_credentials([(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            result = self.health.set(name, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def start(self, engine: QAEngine | None = None) -> None:
+        """Bind and answer health checks (NOT_SERVING) at once; load the engine; then SERVING."""
+        await self._set_serving(False)
+        await self.server.start()
+        log.info("listening on %s:%d (%s)", self.settings.host, self.port,
+                 "TLS" if self.settings.tls_cert else "plaintext")
+        if engine is None:
+            engine = await asyncio.get_running_loop().run_in_executor(None, lambda: QAEngine(settings=self.settings))
+        self.service.engine = engine
+        await self._set_serving(True)
+        log.info("serving NPCs: %s", ", ".join(engine.npcs))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
+        await self._set_serving(False)
+        await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
+        self.service._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    import signal
+
+    server = NpcServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (grace %.0f s)", settings.shutdown_grace_s)
+    await server.stop()
