@@ -2,63 +2,18 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import threading
-from contextlib import contextmanager
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import ASSETS
+from conftest import running_server
 from qa_app.client import AsyncNpcClient, NpcClient
 from qa_app.config import Settings
 from qa_app.proto import npc_qa_pb2 as pb
 from qa_app.proto import npc_qa_pb2_grpc as pb_grpc
 from qa_app.server.service import SERVICE_NAME, NpcServer
-
-
-@contextmanager
-def running_server(engine, settings: Settings):
-    """Start NpcServer on its own event loop in a thread; yield (target, server); drain on exit."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start():
-        server = NpcServer(settings)
-        await server.start(engine)
-        return server
-
-    server = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=60)
-    try:
-        yield f"127.0.0.1:{server.port}", server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(grace=5), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def kb_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("kb")
-    for path in (ASSETS / "kb").glob("*.jsonl"):
-        shutil.copy(path, folder / path.name)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(engine, kb_dir):
-    settings = Settings(kb_dir=kb_dir, device="cpu", port=0, workers=2, max_text_chars=2000)
-    with running_server(engine, settings) as (target, srv):
-        yield target, srv
-
-
-@pytest.fixture()
-def client(server):
-    with NpcClient(server[0], timeout=30) as c:
-        yield c
 
 
 def test_health_reports_serving(server):
@@ -181,3 +136,35 @@ def test_overload_is_shed_with_resource_exhausted_and_the_rest_answered(engine, 
     answered = [r for r in results if isinstance(r, pb.Answer)]
     assert shed and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in shed)
     assert len(answered) >= 3 and all(a.id == "buy_horse" for a in answered)
+
+
+def test_tls_serves_only_clients_that_trust_its_certificate(engine, kb_dir, tmp_path):
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    settings = Settings(kb_dir=kb_dir, device="cpu", port=0, tls_cert=cert, tls_key=key)
+    with running_server(engine, settings) as (target, _):
+        with NpcClient(target, tls_ca=cert, timeout=30) as secure:
+            assert secure.ask("innkeeper", "room price?").id
+        with NpcClient(target, timeout=5, retries=0) as plaintext:
+            with pytest.raises(grpc.RpcError) as err:
+                plaintext.ask("innkeeper", "room price?")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_reload_during_traffic_fails_no_request(engine, kb_dir):
+    settings = Settings(kb_dir=kb_dir, device="cpu", port=0, workers=2)
+
+    async def traffic_and_reloads(target):
+        async with AsyncNpcClient(target, timeout=60, retries=0) as c:
+            asks = [c.ask("innkeeper", "where can i buy a horse") for _ in range(30)]
+            reloads = [c.reload("innkeeper") for _ in range(2)]
+            return await asyncio.gather(*asks, *reloads)
+
+    with running_server(engine, settings) as (target, _):
+        results = asyncio.run(traffic_and_reloads(target))
+    assert all(a.id == "buy_horse" for a in results[:30])
+    assert all(r.npc.name == "innkeeper" for r in results[30:])
