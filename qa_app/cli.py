@@ -149,8 +149,32 @@ def cmd_serve(args) -> int:
     logging.getLogger("qa_app").setLevel(logging.INFO)
     settings = Settings.from_env(kb_dir=args.kb_dir, device=args.device, host=args.host, port=args.port,
                                  workers=args.workers, max_queue=args.max_queue, auth_token=args.token,
-                                 tls_cert=args.tls_cert, tls_key=args.tls_key)
+                                 tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port)
     asyncio.run(serve(settings))
+    return 0
+
+
+def cmd_loadtest(args) -> int:
+    import asyncio
+
+    from qa_app.kb import load_queries
+    from qa_app.loadtest import run_load
+    from qa_app.models.loading import ASSETS_DIR
+
+    path = args.queries or ASSETS_DIR / "eval" / "quartermaster.jsonl"
+    queries = load_queries(path)
+    report = asyncio.run(run_load(args.server, args.npc or Path(path).stem, queries, args.players, args.duration,
+                                  args.rate, args.mode, args.token, args.tls_ca))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{report['players']} players, {report['mode']} calls, {report['duration_s']:.1f} s: "
+          f"{report['requests']} requests, {report['qps']:.1f} answers/s")
+    print(f"latency ms  p50 {report['p50_ms']:.1f}  p90 {report['p90_ms']:.1f}  p99 {report['p99_ms']:.1f}  "
+          f"max {report['max_ms']:.1f}")
+    print(f"errors {report['errors'] or 'none'}")
+    print(f"accuracy {report['accuracy']:.3f}  answered_correctly {report['answered_correctly']:.3f}  "
+          f"false_accept_rate {report['false_accept_rate']:.3f}")
     return 0
 
 
@@ -263,7 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="require 'authorization: Bearer TOKEN' on every call (or QA_AUTH_TOKEN)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("loadtest", help="simulate many players against a running server")
+    p.add_argument("--server", metavar="HOST:PORT", required=True)
+    p.add_argument("--players", type=int, default=16)
+    p.add_argument("--duration", type=float, default=30.0, help="seconds")
+    p.add_argument("--rate", type=float, default=0.0, help="questions per second per player (0: back to back)")
+    p.add_argument("--queries", type=Path, help="labelled query file (default: the bundled quartermaster set)")
+    p.add_argument("--npc", help="NPC to ask (default: the query file's stem)")
+    p.add_argument("--mode", choices=["ask", "chat"], default="ask", help="unary calls or one stream per player")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--token", help="bearer token for a server that requires one")
+    p.add_argument("--tls-ca", help="PEM CA certificate to verify a TLS server")
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("build-index", help="build and save a KB's faiss index beside it")
     p.add_argument("--kb", type=Path, required=True)

@@ -34,6 +34,7 @@ class Settings:
     tls_cert: Path | None = None         # PEM certificate chain and key: serve TLS instead of plaintext
     tls_key: Path | None = None
     shutdown_grace_s: float = 10.0       # on SIGTERM/SIGINT, time in-flight requests get to finish
+    metrics_port: int | None = None      # Prometheus /metrics over HTTP on this port (0: any free one)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -58,7 +59,7 @@ def _parse(name: str, raw: str, default):
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError(raw)
             return raw.lower() in ("1", "true", "yes")
-        if isinstance(default, int):
+        if isinstance(default, int) or name == "metrics_port":
             return int(raw)
         if isinstance(default, Path):
             return Path(raw)

@@ -45,6 +45,8 @@ def score_decisions(queries: list[LabelledQuery], top_ids: list[str], confidence
         "in_scope": n_in,
         "must_reject": n_out,
         "threshold": threshold,
+        # Decisions right over all queries: accepted with the labelled entry, or refused when it must be.
+        "accuracy": float(((correct_top & accepted) | (~in_scope & ~accepted)).mean()) if len(queries) else float("nan"),
         "in_scope_top1": float(correct_top[in_scope].mean()) if n_in else float("nan"),
         "answered_correctly": float((correct_top & accepted)[in_scope].mean()) if n_in else float("nan"),
         "false_accept_rate": float(accepted[~in_scope].mean()) if n_out else float("nan"),

@@ -8,7 +8,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import running_server
+from conftest import ASSETS, running_server
 from qa_app.client import AsyncNpcClient, NpcClient
 from qa_app.config import Settings
 from qa_app.proto import npc_qa_pb2 as pb
@@ -168,3 +168,31 @@ def test_reload_during_traffic_fails_no_request(engine, kb_dir):
         results = asyncio.run(traffic_and_reloads(target))
     assert all(a.id == "buy_horse" for a in results[:30])
     assert all(r.npc.name == "innkeeper" for r in results[30:])
+
+
+@pytest.mark.parametrize("mode", ["ask", "chat"])
+def test_loadtest_reports_throughput_latency_errors_and_label_accuracy(server, mode, tmp_path):
+    from qa_app.kb import load_queries
+    from qa_app.loadtest import run_load
+
+    queries = load_queries(ASSETS / "eval" / "innkeeper.jsonl")
+    report = asyncio.run(run_load(server[0], "innkeeper", queries, players=4, duration=2.0, mode=mode))
+    assert report["errors"] == {} and report["answered"] == report["requests"] > 0
+    assert report["p50_ms"] <= report["p90_ms"] <= report["p99_ms"] <= report["max_ms"]
+    assert 0.0 < report["accuracy"] <= 1.0 and report["qps"] > 0
+
+
+def test_prometheus_metrics_count_requests_by_code_and_time_stages(engine, kb_dir):
+    import urllib.request
+
+    settings = Settings(kb_dir=kb_dir, device="cpu", port=0, metrics_port=0)
+    with running_server(engine, settings) as (target, srv):
+        with NpcClient(target, timeout=30) as c:
+            c.ask("innkeeper", "room price?")
+            with pytest.raises(grpc.RpcError):
+                c.ask("dragon", "hello")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'npcqa_requests_total{code="OK",method="Ask"} 1.0' in text
+    assert 'npcqa_requests_total{code="NOT_FOUND",method="Ask"} 1.0' in text
+    assert 'npcqa_stage_latency_ms_count{stage="rank"} 1.0' in text
+    assert "npcqa_queue_depth 0.0" in text

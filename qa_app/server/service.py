@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from grpc_reflection.v1alpha import reflection
 
 from qa_app.config import Settings
@@ -36,6 +37,25 @@ def answer_message(answer: Answer, request_id: str, debug: bool, queue_ms: float
     return message
 
 
+class ServerMetrics:
+    """Prometheus metrics of one server, in their own registry (several servers may share a process)."""
+
+    STAGE_BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500)
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("npcqa_requests", "Questions handled, by RPC method and status code",
+                                ["method", "code"], registry=self.registry)
+        self.stage_ms = Histogram("npcqa_stage_latency_ms", "Server-side time per pipeline stage (ms)",
+                                  ["stage"], buckets=self.STAGE_BUCKETS_MS, registry=self.registry)
+        self.queue_depth = Gauge("npcqa_queue_depth", "Requests waiting for an engine worker",
+                                 registry=self.registry)
+
+    def serve_http(self, host: str, port: int) -> int:
+        httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        return httpd.server_port
+
+
 class NpcQAService(pb_grpc.NpcQAServicer):
     """Answers typed questions with a shared engine; sheds load instead of queueing without bound."""
 
@@ -45,12 +65,26 @@ class NpcQAService(pb_grpc.NpcQAServicer):
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="engine")
         self._slots = asyncio.Semaphore(settings.workers)
         self._waiting = 0
+        self.metrics = ServerMetrics()
 
     async def _abort(self, context, code: grpc.StatusCode, message: str, request_id: str):
         log.info("request=%s %s: %s", request_id, code.name, message)
         await context.abort(code, message)
 
-    async def _answer(self, request: pb.AskRequest, context) -> pb.Answer:
+    async def _answer(self, request: pb.AskRequest, context, method: str = "Ask") -> pb.Answer:
+        """One question, counted in the metrics by its outcome."""
+        try:
+            message = await self._answer_or_abort(request, context)
+        except asyncio.CancelledError:
+            self.metrics.requests.labels(method, "CANCELLED").inc()
+            raise
+        except grpc.aio.AbortError:
+            self.metrics.requests.labels(method, context.code().name).inc()
+            raise
+        self.metrics.requests.labels(method, "OK").inc()
+        return message
+
+    async def _answer_or_abort(self, request: pb.AskRequest, context) -> pb.Answer:
         request_id = uuid.uuid4().hex[:12]
         if self.engine is None:
             await self._abort(context, grpc.StatusCode.UNAVAILABLE, "the server is still loading its models", request_id)
@@ -72,10 +106,12 @@ class NpcQAService(pb_grpc.NpcQAServicer):
                               request_id)
         queued = time.perf_counter()
         self._waiting += 1
+        self.metrics.queue_depth.set(self._waiting)
         try:
             await self._slots.acquire()  # a cancelled client leaves the queue here, counted out below
         finally:
             self._waiting -= 1
+            self.metrics.queue_depth.set(self._waiting)
         try:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
@@ -94,6 +130,9 @@ class NpcQAService(pb_grpc.NpcQAServicer):
         log.info("request=%s npc=%s player=%s id=%s confidence=%.3f rejected=%s total_ms=%.1f", request_id,
                  request.npc, request.player_id, answer.id, answer.confidence, answer.rejected,
                  answer.timings_ms.get("total", 0.0))
+        self.metrics.stage_ms.labels("queue").observe(queue_ms)
+        for stage, ms in answer.timings_ms.items():
+            self.metrics.stage_ms.labels(stage).observe(ms)
         return answer_message(answer, request_id, request.debug, queue_ms)
 
     async def Ask(self, request, context):
@@ -101,7 +140,7 @@ class NpcQAService(pb_grpc.NpcQAServicer):
 
     async def Chat(self, request_iterator, context):
         async for request in request_iterator:
-            yield await self._answer(request, context)
+            yield await self._answer(request, context, "Chat")
 
     async def Talk(self, request_iterator, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
@@ -200,6 +239,8 @@ class NpcServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        self.metrics_port = (self.service.metrics.serve_http(settings.host, settings.metrics_port)
+                             if settings.metrics_port is not None else None)
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
