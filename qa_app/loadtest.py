@@ -21,6 +21,9 @@ from qa_app.kb import LabelledQuery
 from qa_app.proto import npc_qa_pb2 as pb
 
 
+SHED_BACKOFF_S = 0.25  # mean pause of a simulated player after RESOURCE_EXHAUSTED
+
+
 @dataclass
 class Tally:
     latencies_ms: list[float] = field(default_factory=list)
@@ -84,6 +87,9 @@ async def _player(client: AsyncNpcClient, npc: str, queries: list[LabelledQuery]
             tally.record(query, answer, (time.perf_counter() - began) * 1000)
         except grpc.aio.AioRpcError as err:
             tally.errors[err.code().name] += 1
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # As the server asks: back off before retrying, as a real client would.
+                await asyncio.sleep(SHED_BACKOFF_S * (0.5 + random.random()))
         await asyncio.sleep(max(0.0, interval - (time.perf_counter() - began)))
 
 
