@@ -106,19 +106,27 @@ def cmd_chat(args) -> int:
         return _chat_remote(args)
     engine = _make_engine(args)
     npc = _pick_npc(engine, args.npc)
-    print(f"Talking to {npc} ({len(engine.knowledge_base(npc))} entries). Ctrl-D or Ctrl-C to leave.")
+
+    def answer(text: str) -> str:
+        try:
+            return format_answer(engine.ask(npc, text))
+        except QueryError as err:
+            return f"  {err}"
+
+    return _chat_loop(f"Talking to {npc} ({len(engine.knowledge_base(npc))} entries).", answer)
+
+
+def _chat_loop(header: str, answer) -> int:
+    """Read questions until Ctrl-D or Ctrl-C; print what `answer(text)` returns for each."""
+    print(f"{header} Ctrl-D or Ctrl-C to leave.")
     while True:
         try:
             text = input("you> ")
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
-        if not text.strip():
-            continue
-        try:
-            print(format_answer(engine.ask(npc, text)))
-        except QueryError as err:
-            print(f"  {err}")
+        if text.strip():
+            print(answer(text))
 
 
 def _chat_remote(args) -> int:
@@ -126,19 +134,14 @@ def _chat_remote(args) -> int:
 
     with _remote(args) as client:
         npc = args.npc or client.list_npcs()[0].name
-        print(f"Talking to {npc} at {args.server}. Ctrl-D or Ctrl-C to leave.")
-        while True:
+
+        def answer(text: str) -> str:
             try:
-                text = input("you> ")
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return 0
-            if not text.strip():
-                continue
-            try:
-                print(format_remote_answer(client.ask(npc, text)))
+                return format_remote_answer(client.ask(npc, text))
             except grpc.RpcError as err:
-                print(f"  server: {err.code().name}: {err.details()}")
+                return f"  server: {err.code().name}: {err.details()}"
+
+        return _chat_loop(f"Talking to {npc} at {args.server}.", answer)
 
 
 def cmd_serve(args) -> int:

@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, BertModel
 from qa_app.models.loading import ASSETS_DIR, pick_device, resolve_model
 from qa_app.models.text_encoder import TextEncoder, mean_pool
 from qa_app.text.normalize import normalize
+from qa_app.train.loop import adamw_with_warmup, step
 from qa_app.train.ranker_data import load_corpora, misspell
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,7 @@ def train_encoder(config: EncoderTrainConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = BertModel.from_pretrained(source, add_pooling_layer=False, dtype=torch.float32).to(device).train()
     steps = math.ceil(len(pairs) / config.batch_size) * config.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    warmup = max(1, int(steps * config.warmup_fraction))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    optimizer, scheduler = adamw_with_warmup(model, config.learning_rate, steps, config.warmup_fraction)
 
     def embed(texts: list[str]) -> torch.Tensor:
         batch = tokenizer(texts, padding=True, truncation=True, max_length=config.max_length,
@@ -127,11 +125,7 @@ def train_encoder(config: EncoderTrainConfig) -> dict:
                                 device=device)
             logits[:, : len(batch)] = logits[:, : len(batch)].masked_fill(same, float("-inf"))
             loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(batch), device=device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
+            step(loss, model, optimizer, scheduler)
             bar.update(1)
             if bar.n % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)

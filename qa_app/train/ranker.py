@@ -27,6 +27,7 @@ from qa_app.kb import load_kb, load_queries
 from qa_app.models.loading import ASSETS_DIR, pick_device, resolve_model
 from qa_app.models.text_encoder import TextEncoder
 from qa_app.reject import FEATURES, Fusion, Rejector
+from qa_app.train.loop import adamw_with_warmup, step
 from qa_app.train.ranker_data import Group, build_groups, general_questions, load_corpora
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,7 @@ def train_model(groups: list[Group], config: RankerTrainConfig, device: torch.de
     model.train()
     steps_per_epoch = math.ceil(len(groups) / config.groups_per_batch)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-    warmup = max(1, int(total_steps * config.warmup_fraction))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+    optimizer, scheduler = adamw_with_warmup(model, config.learning_rate, total_steps, config.warmup_fraction)
     use_amp = device.type == "cuda"
     rng = random.Random(config.seed)
     history = []
@@ -103,11 +101,7 @@ def train_model(groups: list[Group], config: RankerTrainConfig, device: torch.de
                     n_lists += 1
                 offset += size
             loss = config.pointwise_weight * pointwise + listwise / max(1, n_lists)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
+            step(loss, model, optimizer, scheduler)
             bar.update(1)
             if bar.n % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
