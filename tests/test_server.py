@@ -198,3 +198,25 @@ def test_prometheus_metrics_count_requests_by_code_and_time_stages(engine, kb_di
     assert 'npcqa_requests_total{code="NOT_FOUND",method="Ask"} 1.0' in text
     assert 'npcqa_stage_latency_ms_count{stage="rank"} 1.0' in text
     assert "npcqa_queue_depth 0.0" in text
+
+
+def test_work_whose_deadline_passes_in_the_queue_is_dropped_not_run(engine, kb_dir):
+    settings = Settings(kb_dir=kb_dir, device="cpu", port=0, workers=1, max_queue=64)
+
+    async def scenario(target):
+        async with AsyncNpcClient(target, timeout=60, retries=0) as c:
+            busy = [asyncio.ensure_future(c.ask("innkeeper", "where can i buy a horse")) for _ in range(8)]
+            await asyncio.sleep(0.05)  # the single worker is busy and the queue holds the rest
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.ask("innkeeper", "how much is a room", timeout=0.05)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            return await asyncio.gather(*busy)
+
+    with running_server(engine, settings) as (target, srv):
+        answers = asyncio.run(scenario(target))
+        counts = {(s.labels["method"], s.labels["code"]): s.value
+                  for metric in srv.service.metrics.registry.collect() if metric.name == "npcqa_requests"
+                  for s in metric.samples if s.name.endswith("_total")}
+    assert all(a.id == "buy_horse" for a in answers)
+    assert counts.get(("Ask", "OK")) == 8  # the expired question never reached the engine
+    assert counts.get(("Ask", "CANCELLED"), 0) + counts.get(("Ask", "DEADLINE_EXCEEDED"), 0) == 1
