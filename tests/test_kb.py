@@ -60,8 +60,12 @@ def test_empty_and_missing_files_are_errors(tmp_path):
         load_kb(write_jsonl(tmp_path / "empty.jsonl", [""]))
     with pytest.raises(KnowledgeBaseError, match="no such knowledge-base file"):
         load_kb(tmp_path / "missing.jsonl")
+    empty_folder = tmp_path / "no_kbs"
+    empty_folder.mkdir()
     with pytest.raises(KnowledgeBaseError, match="no \\*.jsonl"):
-        load_kb_dir(tmp_path / "nothing") if False else load_kb_dir(tmp_path.joinpath("d").mkdir() or tmp_path / "d")
+        load_kb_dir(empty_folder)
+    with pytest.raises(KnowledgeBaseError, match="no such knowledge-base folder"):
+        load_kb_dir(tmp_path / "missing")
 
 
 def test_folder_serves_one_npc_per_file(tmp_path):
