@@ -187,6 +187,8 @@ def test_loadtest_reports_throughput_latency_errors_and_label_accuracy(server, m
 def test_prometheus_metrics_count_requests_by_code_and_time_stages(engine, kb_dir):
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     settings = Settings(kb_dir=kb_dir, device="cpu", port=0, metrics_port=0)
     with running_server(engine, settings) as (target, srv):
         with NpcClient(target, timeout=30) as c:
@@ -194,10 +196,12 @@ def test_prometheus_metrics_count_requests_by_code_and_time_stages(engine, kb_di
             with pytest.raises(grpc.RpcError):
                 c.ask("dragon", "hello")
         text = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
-    assert 'npcqa_requests_total{code="OK",method="Ask"} 1.0' in text
-    assert 'npcqa_requests_total{code="NOT_FOUND",method="Ask"} 1.0' in text
-    assert 'npcqa_stage_latency_ms_count{stage="rank"} 1.0' in text
-    assert "npcqa_queue_depth 0.0" in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("npcqa_requests_total", (("code", "OK"), ("method", "Ask")))] == 1.0, text
+    assert samples[("npcqa_requests_total", (("code", "NOT_FOUND"), ("method", "Ask")))] == 1.0, text
+    assert samples[("npcqa_stage_latency_ms_count", (("stage", "rank"),))] == 1.0, text
+    assert samples[("npcqa_queue_depth", ())] == 0.0, text
 
 
 def test_work_whose_deadline_passes_in_the_queue_is_dropped_not_run(engine, kb_dir):

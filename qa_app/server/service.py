@@ -67,43 +67,42 @@ class NpcQAService(pb_grpc.NpcQAServicer):
         self._waiting = 0
         self.metrics = ServerMetrics()
 
-    async def _abort(self, context, code: grpc.StatusCode, message: str, request_id: str):
+    async def _abort(self, context, code: grpc.StatusCode, message: str, request_id: str, method: str):
         log.info("request=%s %s: %s", request_id, code.name, message)
+        # Counted before the status goes out: a client that reads the metrics next must see it.
+        self.metrics.requests.labels(method, code.name).inc()
         await context.abort(code, message)
 
     async def _answer(self, request: pb.AskRequest, context, method: str = "Ask") -> pb.Answer:
         """One question, counted in the metrics by its outcome."""
         try:
-            message = await self._answer_or_abort(request, context)
+            return await self._answer_or_abort(request, context, method)
         except asyncio.CancelledError:
             self.metrics.requests.labels(method, "CANCELLED").inc()
             raise
-        except grpc.aio.AbortError:
-            self.metrics.requests.labels(method, context.code().name).inc()
-            raise
-        self.metrics.requests.labels(method, "OK").inc()
-        return message
 
-    async def _answer_or_abort(self, request: pb.AskRequest, context) -> pb.Answer:
+    async def _answer_or_abort(self, request: pb.AskRequest, context, method: str) -> pb.Answer:
         request_id = uuid.uuid4().hex[:12]
         if self.engine is None:
-            await self._abort(context, grpc.StatusCode.UNAVAILABLE, "the server is still loading its models", request_id)
+            await self._abort(context, grpc.StatusCode.UNAVAILABLE, "the server is still loading its models",
+                              request_id, method)
         if not request.npc:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "npc is required (see ListNpcs)", request_id)
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "npc is required (see ListNpcs)",
+                              request_id, method)
         if not request.text.strip():
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "text is empty: send the player's question",
-                              request_id)
+                              request_id, method)
         if len(request.text) > self.settings.max_text_chars:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                               f"text is {len(request.text)} characters; the limit is {self.settings.max_text_chars}",
-                              request_id)
+                              request_id, method)
         if request.npc not in self.engine.npcs:
             await self._abort(context, grpc.StatusCode.NOT_FOUND,
-                              f"unknown NPC {request.npc!r}; known NPCs: {', '.join(self.engine.npcs)}", request_id)
+                              f"unknown NPC {request.npc!r}; known NPCs: {', '.join(self.engine.npcs)}", request_id, method)
         if self._waiting >= self.settings.max_queue:
             await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"server busy ({self._waiting} requests waiting); retry after a short back-off",
-                              request_id)
+                              request_id, method)
         queued = time.perf_counter()
         self._waiting += 1
         self.metrics.queue_depth.set(self._waiting)
@@ -117,19 +116,20 @@ class NpcQAService(pb_grpc.NpcQAServicer):
             if remaining is not None and remaining <= 0:
                 # The client has given up: drop the work rather than spend a worker on it.
                 await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  "deadline passed while waiting for a worker", request_id)
+                                  "deadline passed while waiting for a worker", request_id, method)
             queue_ms = (time.perf_counter() - queued) * 1000
             answer = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.engine.ask, request.npc, request.text, request.top_k or None)
         except QueryError as err:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err), request_id)
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err), request_id, method)
         except UnknownNpcError as err:  # removed by a reload after the check above
-            await self._abort(context, grpc.StatusCode.NOT_FOUND, str(err), request_id)
+            await self._abort(context, grpc.StatusCode.NOT_FOUND, str(err), request_id, method)
         finally:
             self._slots.release()
         log.info("request=%s npc=%s player=%s id=%s confidence=%.3f rejected=%s total_ms=%.1f", request_id,
                  request.npc, request.player_id, answer.id, answer.confidence, answer.rejected,
                  answer.timings_ms.get("total", 0.0))
+        self.metrics.requests.labels(method, "OK").inc()
         self.metrics.stage_ms.labels("queue").observe(queue_ms)
         for stage, ms in answer.timings_ms.items():
             self.metrics.stage_ms.labels(stage).observe(ms)
