@@ -28,6 +28,15 @@ def _server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="PEM CA certificate to verify a TLS server")
 
 
+def _train_args(parser: argparse.ArgumentParser, config_name: str) -> None:
+    """Flags every trainer takes; they override the --config file (see _train_config)."""
+    parser.add_argument("--config", help=f"JSON file of {config_name} fields")
+    parser.add_argument("--output", help="folder to write the model to")
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--epochs", type=int)
+
+
 def _make_engine(args):
     from qa_app.engine import QAEngine
 
@@ -320,11 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train-ranker", help="train and calibrate the cross-encoder ranker")
-    p.add_argument("--config", help="JSON file of RankerTrainConfig fields")
-    p.add_argument("--output")
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--epochs", type=int)
+    _train_args(p, "RankerTrainConfig")
     p.add_argument("--limit-groups", dest="limit_groups", type=int, help="train on N groups (smoke test)")
     p.add_argument("--calibrate-only", dest="calibrate_only", action="store_true", default=None,
                    help="keep the trained model at --output; refit fusion, rejector and threshold")
@@ -333,11 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_ranker)
 
     p = sub.add_parser("train-encoder", help="adapt the bi-encoder to players' questions (contrastive)")
-    p.add_argument("--config", help="JSON file of EncoderTrainConfig fields")
-    p.add_argument("--output")
-    p.add_argument("--device")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--epochs", type=int)
+    _train_args(p, "EncoderTrainConfig")
     p.set_defaults(func=cmd_train_encoder)
     return parser
 
