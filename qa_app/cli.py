@@ -20,6 +20,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, help="accept answers with confidence >= this")
     parser.add_argument("--index-kind", choices=["flat", "ivf", "hnsw"], help="faiss index (flat is exact)")
     parser.add_argument("--rank-k", type=int, help="entries the ranker reads per question")
+    parser.add_argument("--speech-encoder", help="speech model: shipped name, folder, or wav2vec2 checkpoint")
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +42,8 @@ def _make_engine(args):
     from qa_app.engine import QAEngine
 
     settings = Settings.from_env(kb_dir=args.kb_dir, device=args.device, threshold=args.threshold,
-                                 index_kind=args.index_kind, rank_k=args.rank_k)
+                                 index_kind=args.index_kind, rank_k=args.rank_k,
+                                 speech_encoder=getattr(args, "speech_encoder", None))
     if args.kb:
         return QAEngine.from_kb_file(args.kb, settings=settings)
     return QAEngine(settings=settings)
@@ -210,8 +212,12 @@ def cmd_eval(args) -> int:
 
     if not args.kb:
         raise SystemExit("qa-app eval: --kb is required")
+    if bool(args.queries) == bool(args.speech_manifest):
+        raise SystemExit("qa-app eval: give either --queries (typed) or --speech-manifest (spoken)")
     engine = _make_engine(args)
     npc = engine.npcs[0]
+    if args.speech_manifest:
+        return _print_speech_eval(engine, npc, args)
     queries = load_queries(args.queries)
     metrics = evaluate(engine, npc, queries)
     if args.baseline:
@@ -252,6 +258,72 @@ def _train_config(args, config_class) -> dict:
     values.update({f.name: getattr(args, f.name) for f in fields(config_class)
                    if getattr(args, f.name, None) is not None})
     return values
+
+
+def _print_speech_eval(engine, npc: str, args) -> int:
+    from qa_app.evaluate import evaluate_speech
+
+    metrics = evaluate_speech(engine, npc, str(args.speech_manifest),
+                              asr_baseline=args.whisper_model if args.speech_baseline == "asr" else None)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    asr = metrics.get("asr_baseline")
+    print(f"NPC {npc}: {metrics['queries']} spoken questions ({metrics['in_scope']} in scope, "
+          f"{metrics['must_reject']} must be rejected), threshold {metrics['threshold']:.3f}")
+    header = f"{'metric':<26}{'speech path':>12}"
+    if asr:
+        header += f"{'ASR+text path':>15}{'ASR+bi-encoder':>16}"
+    print(header)
+    for key in ("in_scope_top1", "answered_correctly", "false_accept_rate", "false_reject_rate", "auroc"):
+        line = f"{key:<26}{metrics[key]:>12.3f}"
+        if asr:
+            line += f"{asr['text_path'][key]:>15.3f}{asr['bi_encoder'][key]:>16.3f}"
+        print(line)
+    line = f"{'answered@10%FAR':<26}{metrics['at_10pct_far']['answered_correctly']:>12.3f}"
+    if asr:
+        line += f"{asr['text_path']['at_10pct_far']['answered_correctly']:>15.3f}{asr['bi_encoder']['answered_correctly']:>16.3f}"
+    print(line + "   (threshold for 10% false accepts on this set)")
+    if "transcript_wer" in metrics:
+        line = f"{'word error rate':<26}{metrics['transcript_wer']:>12.3f}"
+        print(line + (f"{asr['wer']:>15.3f}" if asr and "wer" in asr else ""))
+    line = f"{'ms per utterance':<26}{metrics['latency_ms_per_utterance']:>12.1f}"
+    print(line + (f"{asr['asr_ms_per_utterance']:>15.1f}   (ASR alone)" if asr else ""))
+    if "text_cosine" in metrics:
+        c = metrics["text_cosine"]
+        print(f"speech vector . text vector of what was said: p10 {c['p10']:.3f}  median {c['median']:.3f}  "
+              f"p90 {c['p90']:.3f}")
+    if asr:
+        print(f"baselines: {asr['model']} transcripts, answered by our text path / by plain bi-encoder cosine "
+              f"({asr['bi_encoder']['threshold_rule']})")
+    return 0
+
+
+def cmd_train_speech(args) -> int:
+    from qa_app.train.speech import SpeechTrainConfig, train_speech
+
+    report = train_speech(SpeechTrainConfig(**_train_config(args, SpeechTrainConfig)))
+    print(json.dumps({k: report[k] for k in ("utterances", "hours", "voices", "steps", "held_out_voices",
+                                             "minutes")}, indent=2))
+    return 0
+
+
+def cmd_calibrate_speech(args) -> int:
+    from qa_app.train.speech import calibrate_speech
+
+    report = calibrate_speech([str(m) for m in args.manifest], args.speech_encoder, args.target_false_accept,
+                              device=args.device or "auto")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_synth_speech(args) -> int:
+    from qa_app.train.speech_data import spoken_query_set
+
+    manifest = spoken_query_set(args.queries, args.out, args.name, tuple(args.engines.split(",")), args.seed,
+                                args.limit)
+    print(manifest)
+    return 0
 
 
 def cmd_train_ranker(args) -> int:
@@ -323,7 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score the engine on a labelled query set")
     _engine_args(p)
-    p.add_argument("--queries", type=Path, required=True, help="JSONL of {query, expected_id, kind}")
+    p.add_argument("--queries", type=Path, help="JSONL of {query, expected_id, kind}")
+    p.add_argument("--speech-manifest", type=Path, help="JSONL of {audio, expected_id}: spoken questions")
+    p.add_argument("--speech-baseline", choices=["asr"],
+                   help="with --speech-manifest: also score whisper transcripts (needs the asr extra)")
+    p.add_argument("--whisper-model", default="whisper-base",
+                   help="whisper for --speech-baseline: whisper-base (bundled) or a CTranslate2 folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--baseline", action="store_true", help="also score plain bi-encoder cosine")
     p.set_defaults(func=cmd_eval)
@@ -340,6 +417,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-encoder", help="adapt the bi-encoder to players' questions (contrastive)")
     _train_args(p, "EncoderTrainConfig")
     p.set_defaults(func=cmd_train_encoder)
+
+    p = sub.add_parser("train-speech", help="train the wav2vec2 speech vectoriser on synthetic speech")
+    _train_args(p, "SpeechTrainConfig")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--limit-texts", dest="limit_texts", type=int, help="this many texts only (smoke test)")
+    p.add_argument("--max-train-minutes", dest="max_train_minutes", type=float,
+                   help="fewer steps if the measured speed would overrun this")
+    p.set_defaults(func=cmd_train_speech)
+
+    p = sub.add_parser("calibrate-speech", help="fit the speech path's rejector and threshold on spoken questions")
+    p.add_argument("--manifest", type=Path, action="append", required=True,
+                   help="a training game's queries read aloud, named GAME.jsonl (repeat for several games)")
+    p.add_argument("--speech-encoder", default="speech-encoder", help="the speech model to calibrate (in place)")
+    p.add_argument("--target-false-accept", type=float, default=0.10,
+                   help="false-accept rate the threshold is set for on these questions")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_calibrate_speech)
+
+    p = sub.add_parser("synth-speech", help="read a labelled query set aloud into an audio manifest")
+    p.add_argument("--queries", type=Path, required=True, help="JSONL of {query, expected_id, kind}")
+    p.add_argument("--out", type=Path, required=True, help="folder for the manifest and its audio")
+    p.add_argument("--name", required=True, help="manifest name (NAME.jsonl and NAME/)")
+    p.add_argument("--engines", default="flite,espeak-held-out",
+                   help="comma list of flite, espeak-held-out, espeak, piper")
+    p.add_argument("--limit", type=int, default=0, help="at most this many queries")
+    p.add_argument("--seed", type=int, default=13)
+    p.set_defaults(func=cmd_synth_speech)
     return parser
 
 

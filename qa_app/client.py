@@ -49,6 +49,17 @@ class NpcClient:
         """One stream for a whole conversation (not retried: a stream cannot be replayed safely)."""
         return self.stub.Chat(iter(requests), timeout=timeout, metadata=self.metadata)
 
+    def talk(self, npc: str, chunks: Iterable[bytes], sample_rate: int, encoding: int = pb.PCM16,
+             player_id: str = "", timeout: float | None = None) -> Iterator[pb.TalkEvent]:
+        """Voice: mono audio chunks (raw little-endian PCM16 or float32 bytes) in, speech events out."""
+        def requests():
+            yield pb.TalkRequest(config=pb.TalkConfig(npc=npc, player_id=player_id, sample_rate=sample_rate,
+                                                      encoding=encoding, channels=1))
+            for chunk in chunks:
+                yield pb.TalkRequest(audio=chunk)
+
+        return self.stub.Talk(requests(), timeout=timeout, metadata=self.metadata)
+
     def list_npcs(self) -> list[pb.NpcInfo]:
         return list(self._call(self.stub.ListNpcs, pb.ListNpcsRequest()).npcs)
 

@@ -22,6 +22,9 @@ class Settings:
     max_query_chars: int = 500           # longer text is truncated with a warning
     spelling: bool = True
     cpu_int8: bool = True                # on CPU, run the ranker with dynamic INT8 Linear layers (~4x faster)
+    speech_encoder: str | None = "speech-encoder"  # wav2vec2 vectoriser for spoken questions; loaded on first use
+    speech_threshold: float | None = None  # accept spoken answers at this confidence; None: calibrated default
+    max_utterance_s: float = 15.0        # longer speech is refused (the endpointer cuts streams here)
     # gRPC server
     host: str = "127.0.0.1"              # loopback unless told otherwise
     port: int = 50051
@@ -51,7 +54,7 @@ class Settings:
 
 def _parse(name: str, raw: str, default):
     try:
-        if name in ("threshold", "shutdown_grace_s"):
+        if name in ("threshold", "shutdown_grace_s", "speech_threshold", "max_utterance_s"):
             return float(raw)
         if name in ("tls_cert", "tls_key"):
             return Path(raw)
@@ -63,7 +66,7 @@ def _parse(name: str, raw: str, default):
             return int(raw)
         if isinstance(default, Path):
             return Path(raw)
-        if name == "ranker" and raw.lower() in ("", "none"):
+        if name in ("ranker", "speech_encoder") and raw.lower() in ("", "none"):
             return None
         return raw
     except ValueError:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qa_app.audio.io import AudioError
 from qa_app.config import Settings
 from qa_app.kb import KnowledgeBase, load_kb, load_kb_dir
 from qa_app.models.ranker import Ranker
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 # detail the FAQ phrasings lack; on the bundled and training sets this mix lifts plain top-1 by ~3 points.
 ANSWER_WEIGHT = 0.5
 PASSAGE_MODES = ("question", "question_answer")
+SPEECH_MIN_SAMPLES = 1600  # 0.1 s at 16 kHz: less cannot hold a question
 
 
 class QueryError(ValueError):
@@ -68,6 +70,37 @@ class Answer:
     entities: list[EntityMention]
     timings_ms: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SpeechPath:
+    """The speech encoder with the fusion and rejector calibrated on spoken questions (they differ from
+    typed ones: the ranker reads a CTC transcript, and speech vectors sit further from the KB)."""
+    encoder: "SpeechEncoder"
+    fusion: Fusion | None
+    rejector: Rejector | None
+
+    @classmethod
+    def load(cls, settings: Settings, text_fusion: Fusion | None, text_rejector: Rejector | None) -> "SpeechPath":
+        from qa_app.models.speech_encoder import SpeechEncoder
+
+        if not settings.speech_encoder:
+            raise SpeechUnavailableError("no speech encoder is configured (QA_SPEECH_ENCODER)")
+        encoder = SpeechEncoder(settings.speech_encoder, settings.device)
+        if encoder.text_encoder and Path(encoder.text_encoder).name != Path(settings.text_encoder).name:
+            log.warning("speech encoder %s was trained for text encoder %s, not %s: answers will suffer",
+                        settings.speech_encoder, encoder.text_encoder, settings.text_encoder)
+        try:
+            rejector, fusion, _ = Rejector.load(encoder.source)
+        except FileNotFoundError:
+            log.warning("speech encoder %s has no spoken-question calibration; using the text one",
+                        settings.speech_encoder)
+            rejector, fusion = text_rejector, text_fusion
+        return cls(encoder, fusion, rejector)
+
+
+class SpeechUnavailableError(RuntimeError):
+    """This engine has no speech encoder."""
 
 
 class NpcIndex:
@@ -183,6 +216,7 @@ class QAEngine:
             self.passage_mode = calibration.get("passage", "question")
             self.ranker.max_length = int(calibration.get("max_length", self.ranker.max_length))
         self._npcs: dict[str, NpcIndex] = {}
+        self._speech: SpeechPath | None = None
         self._lock = threading.Lock()
         for npc, kb in kbs.items():
             self._npcs[npc] = self._build(kb)
@@ -268,13 +302,62 @@ class QAEngine:
         start = time.perf_counter()
         vectors = self.encoder.encode([spelled[i] for i in readable]) if readable else None
         timings["embed"] = _ms(start)
+        return self._answer(npc, index, texts, spelled, mentions, readable, vectors, warnings, timings, total,
+                            self.fusion, self.rejector, self.threshold, top_k)
 
+    def ask_speech(self, npc: str, samples: np.ndarray, top_k: int | None = None) -> Answer:
+        return self.ask_speech_batch(npc, [samples], top_k)[0]
+
+    def ask_speech_batch(self, npc: str, utterances: list[np.ndarray], top_k: int | None = None) -> list[Answer]:
+        """Answer spoken questions (float32 mono 16 kHz, one per utterance) with one speech-encoder call.
+
+        The speech vector goes straight to recall in the text space; the encoder's CTC transcript, spelled
+        against the KB, is what the ranker reads, what entities are found in, and what the player is shown.
+        """
+        index = self._index(npc)
+        speech = self.speech
+        total = time.perf_counter()
+        timings: dict[str, float] = {}
+        limit = self.settings.max_utterance_s
+        for samples in utterances:
+            if len(samples) < SPEECH_MIN_SAMPLES:
+                raise AudioError(f"utterance of {len(samples) / 16000:.2f} s is too short to be a question")
+            if len(samples) > limit * 16000:
+                raise AudioError(f"utterance of {len(samples) / 16000:.1f} s is longer than the {limit:g} s limit")
+        start = time.perf_counter()
+        vectors, transcripts = speech.encoder.encode(utterances)
+        timings["embed"] = _ms(start)
+        start = time.perf_counter()
+        normalized = [normalize(t) for t in transcripts]
+        spelled = [index.speller.correct(t) if index.speller and t else t for t in normalized]
+        mentions = [index.entities.find(t) for t in spelled]
+        timings["transcript"] = _ms(start)
+        threshold = self.settings.speech_threshold
+        if threshold is None:
+            threshold = speech.rejector.threshold if speech.rejector else 0.5
+        return self._answer(npc, index, transcripts, spelled, mentions, list(range(len(utterances))), vectors,
+                            [[] for _ in utterances], timings, total, speech.fusion, speech.rejector, threshold,
+                            top_k)
+
+    @property
+    def speech(self) -> "SpeechPath":
+        """The speech encoder and its calibration, loaded on first use (text-only servers never pay)."""
+        with self._lock:
+            if self._speech is None:
+                self._speech = SpeechPath.load(self.settings, self.fusion, self.rejector)
+            return self._speech
+
+    def _answer(self, npc: str, index: NpcIndex, texts: list[str], spelled: list[str], mentions, readable: list[int],
+                vectors, warnings: list[list[str]], timings: dict[str, float], total: float,
+                fusion: "Fusion | None", rejector: "Rejector | None", threshold: float,
+                top_k: int | None) -> list[Answer]:
+        """From query vectors on: recall, rank, fuse, decide. ``readable``: which texts have vectors."""
         start = time.perf_counter()
         shortlists = self._recall(index, vectors) if readable else []
         timings["recall"] = _ms(start)
 
         start = time.perf_counter()
-        ranked_readable = self._rank(index, [spelled[i] for i in readable], shortlists)
+        ranked_readable = self._rank(index, [spelled[i] for i in readable], shortlists, fusion)
         ranked: list[list[Candidate]] = [[] for _ in texts]
         for i, candidates in zip(readable, ranked_readable):
             ranked[i] = candidates
@@ -283,8 +366,8 @@ class QAEngine:
         start = time.perf_counter()
         answers = []
         for i, candidates in enumerate(ranked):
-            confidence = self._confidence(candidates) if candidates else 0.0
-            rejected = confidence < self.threshold
+            confidence = self._confidence(candidates, rejector) if candidates else 0.0
+            rejected = confidence < threshold
             answers.append(Answer(
                 npc=npc, query=texts[i], normalized_query=spelled[i],
                 id=None if rejected else candidates[0].id, answer=None if rejected else candidates[0].answer,
@@ -302,8 +385,8 @@ class QAEngine:
                                 self.settings.rank_k)
                 for vector, row_scores, row_ids in zip(vectors, scores, ids)]
 
-    def _rank(self, index: NpcIndex, queries: list[str],
-              shortlists: list[list[tuple[int, int, float, float]]]) -> list[list[Candidate]]:
+    def _rank(self, index: NpcIndex, queries: list[str], shortlists: list[list[tuple[int, int, float, float]]],
+              fusion: "Fusion | None") -> list[list[Candidate]]:
         if not queries:
             return []
         passages = [[index.passage(qid, self.passage_mode) for _, qid, _, _ in shortlist] for shortlist in shortlists]
@@ -312,7 +395,7 @@ class QAEngine:
         ranked = []
         for shortlist, logits in zip(shortlists, logit_lists):
             feats = np.array([[logit, cq, ca] for logit, (_, _, cq, ca) in zip(logits, shortlist)])
-            final = self.fusion.score(feats) if self.fusion else feats[:, 1] + ANSWER_WEIGHT * feats[:, 2]
+            final = fusion.score(feats) if fusion else feats[:, 1] + ANSWER_WEIGHT * feats[:, 2]
             candidates = [Candidate(index.kb.entries[e].id, index.original_questions[qid], index.kb.entries[e].answer,
                                     cq, ca, float(logit), float(score))
                           for (e, qid, cq, ca), logit, score in zip(shortlist, logits, final)]
@@ -320,7 +403,8 @@ class QAEngine:
             ranked.append(candidates)
         return ranked
 
-    def _confidence(self, candidates: list[Candidate]) -> float:
-        if self.rejector is None:
+    @staticmethod
+    def _confidence(candidates: list[Candidate], rejector: "Rejector | None") -> float:
+        if rejector is None:
             return max(0.0, min(1.0, candidates[0].recall_score))
-        return float(self.rejector.confidence(candidate_features(candidates))[0])
+        return float(rejector.confidence(candidate_features(candidates))[0])

@@ -117,3 +117,81 @@ def threshold_at_far(queries: list[LabelledQuery], confidences: np.ndarray, far:
         return 0.5
     allowed = int(np.floor(far * len(rejects)))  # may accept this many
     return float(np.nextafter(rejects[len(rejects) - allowed - 1], np.inf)) if allowed < len(rejects) else 0.0
+
+
+def evaluate_speech(engine: QAEngine, npc: str, manifest: str, batch_size: int = 16,
+                    asr_baseline: str | None = None) -> dict:
+    """Spoken questions of a manifest (``{"audio", "expected_id", "text"?, "kind"?}`` lines) through the
+    speech path, scored with the text eval's keys; where lines give the text that was said, also the cosine
+    between the speech vector and that text's embedding, and the CTC transcript's word error rate.
+
+    asr_baseline: a whisper model (``whisper-base``, the bundled one) whose transcripts are scored through
+    the text path and through plain bi-encoder cosine, side by side (``metrics["asr_baseline"]``).
+    """
+    from qa_app.audio.io import read_audio_file
+    from qa_app.text.normalize import normalize
+    from qa_app.train.speech_data import read_manifest
+
+    lines = read_manifest(manifest)
+    queries = [LabelledQuery(line.get("text") or line["audio"], line.get("expected_id"), line.get("kind", "speech"))
+               for line in lines]
+    waves = [read_audio_file(line["audio"], engine.settings.max_utterance_s) for line in lines]
+    top_ids, confidences, latencies, transcripts = [], [], [], []
+    for start in range(0, len(waves), batch_size):
+        began = time.perf_counter()
+        answers = engine.ask_speech_batch(npc, waves[start:start + batch_size])
+        latencies.append((time.perf_counter() - began) * 1000.0 / len(answers))
+        top_ids += [a.candidates[0].id if a.candidates else None for a in answers]
+        confidences += [a.confidence for a in answers]
+        transcripts += [a.query for a in answers]
+    threshold = engine.settings.speech_threshold
+    if threshold is None:
+        threshold = engine.speech.rejector.threshold if engine.speech.rejector else 0.5
+    metrics = score_decisions(queries, top_ids, np.array(confidences), threshold)
+    at_far = score_decisions(queries, top_ids, np.array(confidences), threshold_at_far(queries, np.array(confidences)))
+    metrics["at_10pct_far"] = {k: at_far[k] for k in ("threshold", "answered_correctly", "false_accept_rate")}
+    metrics["latency_ms_per_utterance"] = float(np.mean(latencies))
+    said = [(i, normalize(line["text"])) for i, line in enumerate(lines) if line.get("text")]
+    if said:
+        vectors, _ = engine.speech.encoder.encode([waves[i] for i, _ in said])
+        cosines = (vectors * engine.encoder.encode([t for _, t in said])).sum(-1)
+        metrics["text_cosine"] = {"median": float(np.median(cosines)), "p10": float(np.percentile(cosines, 10)),
+                                  "p90": float(np.percentile(cosines, 90)), "mean": float(cosines.mean())}
+        metrics["transcript_wer"] = word_error_rate([t for _, t in said], [transcripts[i] for i, _ in said])
+    if asr_baseline:
+        metrics["asr_baseline"] = evaluate_asr_baseline(engine, npc, queries, waves, asr_baseline,
+                                                        [line.get("text") for line in lines])
+    return metrics
+
+
+def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
+    """Word edits (after the engine's normalisation) over reference words."""
+    from rapidfuzz.distance import Levenshtein
+
+    from qa_app.text.normalize import normalize
+
+    pairs = [(normalize(r).split(), normalize(h).split()) for r, h in zip(references, hypotheses)]
+    return sum(Levenshtein.distance(r, h) for r, h in pairs) / max(1, sum(len(r) for r, _ in pairs))
+
+
+def evaluate_asr_baseline(engine: QAEngine, npc: str, queries: list[LabelledQuery], waves: list[np.ndarray],
+                          model: str, said: list[str | None]) -> dict:
+    """Whisper transcripts answered two ways: by our whole text path (calibrated threshold), and by plain
+    bi-encoder cosine (threshold at 10% false accepts on this set, as the text baseline)."""
+    from qa_app.audio.asr import WhisperTranscriber
+
+    transcriber = WhisperTranscriber(model)
+    began = time.perf_counter()
+    heard = [transcriber.transcribe(w) for w in waves]
+    asr_ms = (time.perf_counter() - began) * 1000.0 / max(1, len(waves))
+    as_typed = [LabelledQuery(text or ".", q.expected_id, q.kind) for text, q in zip(heard, queries)]
+    pipeline = evaluate(engine, npc, as_typed, batch_size=16)
+    result = {"model": model, "asr_ms_per_utterance": asr_ms,
+              "text_path": {k: pipeline[k] for k in ("in_scope_top1", "answered_correctly", "false_accept_rate",
+                                                     "false_reject_rate", "auroc", "at_10pct_far")},
+              "bi_encoder": evaluate_baseline(engine, npc, as_typed)}
+    references = [(s, h) for s, h in zip(said, heard) if s]
+    if references:
+        result["wer"] = word_error_rate([s for s, _ in references], [h for _, h in references])
+    result["examples"] = [{"said": s, "heard": h} for s, h in list(zip(said, heard))[:5]]
+    return result

@@ -55,3 +55,20 @@ def test_eval_json_has_every_metric_and_the_baseline(tmp_path):
     for key in ("in_scope_top1", "answered_correctly", "false_accept_rate", "false_reject_rate", "auroc",
                 "per_kind_accuracy", "latency_p50_ms", "latency_p99_ms"):
         assert key in metrics and key in metrics["baseline"] or key.startswith("latency")
+
+
+@pytest.mark.slow
+def test_spoken_eval_json_has_the_text_keys_and_the_whisper_baseline_beside_them(tmp_path):
+    pytest.importorskip("faster_whisper", reason="the whisper baseline needs the asr extra")
+    lines = (ASSETS / "eval" / "spoken" / "innkeeper.jsonl").read_text().splitlines()
+    manifest = tmp_path / "spoken.jsonl"
+    audio = ASSETS / "eval" / "spoken"
+    manifest.write_text("\n".join(
+        json.dumps({**json.loads(line), "audio": str(audio / json.loads(line)["audio"])}) for line in lines[:16]) + "\n")
+    result = qa_app("eval", "--kb", str(KB), "--speech-manifest", str(manifest), "--speech-baseline", "asr", "--json")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    asr = metrics["asr_baseline"]
+    for key in ("in_scope_top1", "answered_correctly", "false_accept_rate", "false_reject_rate", "auroc"):
+        assert 0 <= metrics[key] <= 1 and key in asr["text_path"] and key in asr["bi_encoder"]
+    assert metrics["queries"] == 16 and 0 <= asr["wer"] < 0.5 and -1 <= metrics["text_cosine"]["median"] <= 1

@@ -4,7 +4,10 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import numpy as np
 import pytest
+import torch
+import torchaudio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -72,14 +75,78 @@ def test_bad_requests_get_the_right_status(client, npc, text, code, words):
     assert err.value.code() == code and words in err.value.details()
 
 
-def test_talk_is_unimplemented_with_a_clear_message(server):
-    with grpc.insecure_channel(server[0]) as channel:
-        stub = pb_grpc.NpcQAStub(channel)
-        config = pb.TalkRequest(config=pb.TalkConfig(npc="innkeeper", sample_rate=16000, encoding=pb.PCM16,
-                                                     channels=1))
-        with pytest.raises(grpc.RpcError) as err:
-            list(stub.Talk(iter([config]), timeout=10))
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "Ask or Chat" in err.value.details()
+def spoken(name: str = "innkeeper", rate: int = 22050) -> tuple[list[dict], list[np.ndarray]]:
+    """Utterances of the bundled spoken eval set (manifest lines, audio at ``rate``)."""
+    from qa_app.audio.io import read_audio_file
+    from qa_app.train.speech_data import read_manifest
+
+    lines = [line for line in read_manifest(ASSETS / "eval" / "spoken" / f"{name}.jsonl") if line["expected_id"]][:2]
+    waves = [torchaudio.functional.resample(torch.from_numpy(read_audio_file(line["audio"])), 16000, rate).numpy()
+             for line in lines]
+    return lines, waves
+
+
+def pcm16_chunks(samples: np.ndarray, rate: int, seconds: float = 0.1) -> list[bytes]:
+    step = int(rate * seconds)
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    return [pcm[i:i + step].tobytes() for i in range(0, len(pcm), step)]
+
+
+def test_talk_answers_each_utterance_of_a_stream_with_events_in_order(client):
+    rate = 22050  # not 16 kHz: the server resamples
+    _, waves = spoken(rate=rate)
+    silence = np.zeros(rate, np.float32)
+    stream = np.concatenate([silence[: rate // 2], waves[0], silence, waves[1], silence])
+    events = list(client.talk("innkeeper", pcm16_chunks(stream, rate), rate, timeout=60))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds == ["speech_started", "speech_ended", "answer"] * 2
+    starts = [e.speech_started.at_seconds for e in events if e.WhichOneof("event") == "speech_started"]
+    assert 0.3 < starts[0] < 0.7 and starts[1] > 0.5 + len(waves[0]) / rate
+    for answer in (e.answer for e in events if e.WhichOneof("event") == "answer"):
+        assert answer.npc == "innkeeper" and answer.normalized_query and 0 <= answer.confidence <= 1
+        assert answer.rejected == (answer.id == "") and "embed" in answer.timings_ms
+
+
+def test_talk_on_silence_and_noise_floor_gives_no_events(client):
+    rate = 16000
+    hiss = np.random.default_rng(0).normal(0, 0.002, 3 * rate).astype(np.float32)
+    assert list(client.talk("innkeeper", pcm16_chunks(hiss, rate), rate, timeout=30)) == []
+
+
+def test_talk_accepts_float32_at_8khz(client):
+    rate = 8000
+    _, waves = spoken(rate=rate)
+    stream = np.concatenate([np.zeros(rate // 2, np.float32), waves[0], np.zeros(rate, np.float32)])
+    chunks = [stream[i:i + 800].astype("<f4").tobytes() for i in range(0, len(stream), 800)]
+    events = list(client.talk("innkeeper", chunks, rate, encoding=pb.FLOAT32, timeout=60))
+    assert [e.WhichOneof("event") for e in events] == ["speech_started", "speech_ended", "answer"]
+
+
+@pytest.mark.parametrize("config, chunks, code, words", [
+    (dict(npc="innkeeper", sample_rate=16000, encoding=pb.PCM16, channels=2), [], grpc.StatusCode.INVALID_ARGUMENT,
+     "mono"),
+    (dict(npc="innkeeper", sample_rate=4000, encoding=pb.PCM16), [], grpc.StatusCode.INVALID_ARGUMENT, "8000-48000"),
+    (dict(npc="innkeeper", sample_rate=16000), [], grpc.StatusCode.INVALID_ARGUMENT, "PCM16 or FLOAT32"),
+    (dict(npc="dragon", sample_rate=16000, encoding=pb.PCM16), [], grpc.StatusCode.NOT_FOUND, "known NPCs"),
+    (dict(npc="", sample_rate=16000, encoding=pb.PCM16), [], grpc.StatusCode.INVALID_ARGUMENT, "npc is required"),
+    (dict(npc="innkeeper", sample_rate=16000, encoding=pb.PCM16), [b"\x00" * 3201],
+     grpc.StatusCode.INVALID_ARGUMENT, "truncated pcm16"),
+    (dict(npc="innkeeper", sample_rate=16000, encoding=pb.FLOAT32),
+     [np.array([0.1, np.nan] * 800, "<f4").tobytes()], grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+])
+def test_talk_bad_streams_get_the_right_status_and_the_server_keeps_serving(client, config, chunks, code, words):
+    stub = client.stub
+    requests = [pb.TalkRequest(config=pb.TalkConfig(**config))] + [pb.TalkRequest(audio=c) for c in chunks]
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Talk(iter(requests), timeout=30))
+    assert err.value.code() == code and words in err.value.details()
+    assert client.ask("innkeeper", "where can i buy a horse").id == "buy_horse"
+
+
+def test_talk_must_start_with_its_config(client):
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.stub.Talk(iter([pb.TalkRequest(audio=b"\x00\x00" * 1600)]), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "TalkConfig" in err.value.details()
 
 
 def test_a_passed_deadline_is_reported(client):

@@ -12,8 +12,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from grpc_reflection.v1alpha import reflection
 
+from qa_app.audio.io import AudioError, check_rate, decode_pcm, resample_to_16k
+from qa_app.audio.vad import EndpointConfig, Endpointer, VoiceActivity
 from qa_app.config import Settings
-from qa_app.engine import Answer, QAEngine, QueryError, UnknownNpcError
+from qa_app.engine import Answer, QAEngine, QueryError, SpeechUnavailableError, UnknownNpcError
+from qa_app.models.loading import ModelNotFoundError
 from qa_app.kb import KnowledgeBaseError, load_kb
 from qa_app.proto import npc_qa_pb2 as pb
 from qa_app.proto import npc_qa_pb2_grpc as pb_grpc
@@ -64,6 +67,9 @@ class NpcQAService(pb_grpc.NpcQAServicer):
         self.engine: QAEngine | None = None      # set once loaded; until then calls get UNAVAILABLE
         self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="engine")
         self._slots = asyncio.Semaphore(settings.workers)
+        # Decoding, resampling and voice activity of every Talk stream: off the event loop, beside the engine.
+        self._audio_executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="audio")
+        self.voice_activity: VoiceActivity | None = None  # loaded with the engine
         self._waiting = 0
         self.metrics = ServerMetrics()
 
@@ -99,6 +105,21 @@ class NpcQAService(pb_grpc.NpcQAServicer):
         if request.npc not in self.engine.npcs:
             await self._abort(context, grpc.StatusCode.NOT_FOUND,
                               f"unknown NPC {request.npc!r}; known NPCs: {', '.join(self.engine.npcs)}", request_id, method)
+        answer, queue_ms = await self._in_worker(context, request_id, method, self.engine.ask, request.npc,
+                                                 request.text, request.top_k or None)
+        log.info("request=%s npc=%s player=%s id=%s confidence=%.3f rejected=%s total_ms=%.1f", request_id,
+                 request.npc, request.player_id, answer.id, answer.confidence, answer.rejected,
+                 answer.timings_ms.get("total", 0.0))
+        self.metrics.requests.labels(method, "OK").inc()
+        self.metrics.stage_ms.labels("queue").observe(queue_ms)
+        for stage, ms in answer.timings_ms.items():
+            self.metrics.stage_ms.labels(stage).observe(ms)
+        return answer_message(answer, request_id, request.debug, queue_ms)
+
+    async def _in_worker(self, context, request_id: str, method: str, work, *args):
+        """Run one engine call on a worker: bounded queue, deadline check, engine errors as status codes.
+
+        Returns (result, ms spent waiting for a worker)."""
         if self._waiting >= self.settings.max_queue:
             await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"server busy ({self._waiting} requests waiting); retry after a short back-off",
@@ -118,22 +139,14 @@ class NpcQAService(pb_grpc.NpcQAServicer):
                 await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                   "deadline passed while waiting for a worker", request_id, method)
             queue_ms = (time.perf_counter() - queued) * 1000
-            answer = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.engine.ask, request.npc, request.text, request.top_k or None)
-        except QueryError as err:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+        except (QueryError, AudioError) as err:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err), request_id, method)
         except UnknownNpcError as err:  # removed by a reload after the check above
             await self._abort(context, grpc.StatusCode.NOT_FOUND, str(err), request_id, method)
         finally:
             self._slots.release()
-        log.info("request=%s npc=%s player=%s id=%s confidence=%.3f rejected=%s total_ms=%.1f", request_id,
-                 request.npc, request.player_id, answer.id, answer.confidence, answer.rejected,
-                 answer.timings_ms.get("total", 0.0))
-        self.metrics.requests.labels(method, "OK").inc()
-        self.metrics.stage_ms.labels("queue").observe(queue_ms)
-        for stage, ms in answer.timings_ms.items():
-            self.metrics.stage_ms.labels(stage).observe(ms)
-        return answer_message(answer, request_id, request.debug, queue_ms)
+        return result, queue_ms
 
     async def Ask(self, request, context):
         return await self._answer(request, context)
@@ -143,9 +156,91 @@ class NpcQAService(pb_grpc.NpcQAServicer):
             yield await self._answer(request, context, "Chat")
 
     async def Talk(self, request_iterator, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "voice (Talk) is not available on this server yet: the speech path has not shipped; "
-                            "send typed questions with Ask or Chat")
+        """Voice: TalkConfig first, then audio chunks; speech started / ended and answer events back."""
+        request_id, method = uuid.uuid4().hex[:12], "Talk"
+        try:
+            async for event in self._talk(request_iterator, context, request_id):
+                yield event
+        except asyncio.CancelledError:
+            self.metrics.requests.labels(method, "CANCELLED").inc()
+            raise
+        self.metrics.requests.labels(method, "OK").inc()
+
+    async def _talk(self, request_iterator, context, request_id: str):
+        method = "Talk"
+        if self.engine is None:
+            await self._abort(context, grpc.StatusCode.UNAVAILABLE, "the server is still loading its models",
+                              request_id, method)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("message") != "config":
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                              "the first Talk message must be a TalkConfig (npc, sample_rate, encoding)",
+                              request_id, method)
+        config = first.config
+        encoding = {pb.PCM16: "pcm16", pb.FLOAT32: "f32"}.get(config.encoding)
+        problem = None
+        if not config.npc:
+            problem = (grpc.StatusCode.INVALID_ARGUMENT, "npc is required (see ListNpcs)")
+        elif config.npc not in self.engine.npcs:
+            problem = (grpc.StatusCode.NOT_FOUND,
+                       f"unknown NPC {config.npc!r}; known NPCs: {', '.join(self.engine.npcs)}")
+        elif encoding is None:
+            problem = (grpc.StatusCode.INVALID_ARGUMENT, "encoding must be PCM16 or FLOAT32")
+        elif config.channels not in (0, 1):
+            problem = (grpc.StatusCode.INVALID_ARGUMENT,
+                       f"{config.channels}-channel audio is not supported; send mono (mix the channels down)")
+        else:
+            try:
+                check_rate(config.sample_rate)
+            except AudioError as err:
+                problem = (grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        if problem:
+            await self._abort(context, *problem, request_id, method)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, lambda: self.engine.speech)
+        except (SpeechUnavailableError, ModelNotFoundError) as err:
+            await self._abort(context, grpc.StatusCode.UNIMPLEMENTED, f"this server has no speech model: {err}",
+                              request_id, method)
+        endpointer = Endpointer(self.voice_activity, EndpointConfig(max_utterance_s=self.settings.max_utterance_s))
+        loop = asyncio.get_running_loop()
+
+        def hear(chunk: bytes):
+            samples = resample_to_16k(decode_pcm(chunk, encoding), config.sample_rate)
+            return endpointer.push(samples)
+
+        async for message in request_iterator:
+            if message.WhichOneof("message") != "audio":
+                await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                  "only the first Talk message may be a TalkConfig; send audio chunks after it",
+                                  request_id, method)
+            try:
+                events = await loop.run_in_executor(self._audio_executor, hear, message.audio)
+            except AudioError as err:
+                await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err), request_id, method)
+            for event in events:
+                async for out in self._speech_events(event, config, context, request_id):
+                    yield out
+        for event in endpointer.flush():
+            async for out in self._speech_events(event, config, context, request_id):
+                yield out
+
+    async def _speech_events(self, event, config, context, request_id: str):
+        if event.kind == "started":
+            yield pb.TalkEvent(speech_started=pb.SpeechStarted(at_seconds=event.time_s))
+            return
+        utterance = event.utterance
+        duration = 0.0 if utterance is None else len(utterance.samples) / 16000
+        yield pb.TalkEvent(speech_ended=pb.SpeechEnded(at_seconds=event.time_s, duration_seconds=duration))
+        if utterance is None:  # a click or a cough: too short to be a question
+            return
+        answer, queue_ms = await self._in_worker(context, request_id, "Talk", self.engine.ask_speech, config.npc,
+                                                 utterance.samples)
+        log.info("request=%s npc=%s player=%s heard=%r id=%s confidence=%.3f rejected=%s total_ms=%.1f",
+                 request_id, config.npc, config.player_id, answer.query, answer.id, answer.confidence,
+                 answer.rejected, answer.timings_ms.get("total", 0.0))
+        for stage, ms in answer.timings_ms.items():
+            self.metrics.stage_ms.labels(stage).observe(ms)
+        yield pb.TalkEvent(answer=answer_message(answer, request_id, False, queue_ms))
 
     async def ListNpcs(self, request, context):
         if self.engine is None:
@@ -255,8 +350,10 @@ class NpcServer:
         await self.server.start()
         log.info("listening on %s:%d (%s)", self.settings.host, self.port,
                  "TLS" if self.settings.tls_cert else "plaintext")
+        loop = asyncio.get_running_loop()
         if engine is None:
-            engine = await asyncio.get_running_loop().run_in_executor(None, lambda: QAEngine(settings=self.settings))
+            engine = await loop.run_in_executor(None, lambda: QAEngine(settings=self.settings))
+        self.service.voice_activity = await loop.run_in_executor(None, VoiceActivity)
         self.service.engine = engine
         await self._set_serving(True)
         log.info("serving NPCs: %s", ", ".join(engine.npcs))
@@ -266,6 +363,7 @@ class NpcServer:
         await self._set_serving(False)
         await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
         self.service._executor.shutdown(wait=False, cancel_futures=True)
+        self.service._audio_executor.shutdown(wait=False, cancel_futures=True)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -1,0 +1,1 @@
+"""Audio in, endpointing, speech synthesis for training data, and the ASR baseline."""
