@@ -19,7 +19,7 @@ def test_pairs_pair_a_question_with_its_own_entry_against_a_confusable_one(tmp_p
     ])
     write(tmp_path / "queries" / "guide.jsonl", [{"query": "help my duo is down", "expected_id": "revive",
                                                   "kind": "slang"}])
-    pairs = make_pairs(EncoderTrainConfig(corpora=str(tmp_path), held_out_game="none", typo_copies=0), encoder)
+    pairs = make_pairs(EncoderTrainConfig(corpora=str(tmp_path), held_out_games=(), typo_copies=0), encoder)
     assert len(pairs) == 3  # one labelled query + two leave-one-out phrasings of 'revive'
     for pair in pairs:
         assert pair.key == ("guide", "revive")

@@ -25,7 +25,7 @@ from qa_app.models.loading import ASSETS_DIR, pick_device, resolve_model
 from qa_app.models.text_encoder import TextEncoder, mean_pool
 from qa_app.text.normalize import normalize
 from qa_app.train.loop import adamw_with_warmup, step
-from qa_app.train.ranker_data import load_corpora, misspell
+from qa_app.train.ranker_data import CALIBRATION_GAMES, load_corpora, misspell
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EncoderTrainConfig:
     corpora: str = str(ASSETS_DIR / "train")
-    held_out_game: str = "survivor_trader"   # reported, never trained on (the ranker calibrates on it too)
+    held_out_games: tuple[str, ...] = CALIBRATION_GAMES  # reported, never trained on (the ranker calibrates on them)
     base_model: str = "all-MiniLM-L6-v2"
     output: str = str(ASSETS_DIR / "models" / "text-encoder")
     device: str = "auto"
@@ -62,7 +62,8 @@ def make_pairs(config: EncoderTrainConfig, encoder: TextEncoder) -> list[Pair]:
     """
     rng = random.Random(config.seed)
     corpora = load_corpora(config.corpora)
-    corpora.pop(config.held_out_game, None)
+    for game in config.held_out_games:
+        corpora.pop(game, None)
     pairs: list[Pair] = []
     for game, corpus in tqdm(corpora.items(), desc="encoder pairs", unit="game"):
         entries = corpus.kb.entries
@@ -151,7 +152,8 @@ def recall_top1(config: EncoderTrainConfig, encoder: str, device: torch.device) 
     from qa_app.evaluate import evaluate
     from qa_app.kb import load_kb, load_queries
 
-    sets = {config.held_out_game: (Path(config.corpora) / "kb", Path(config.corpora) / "queries")}
+    sets = {game: (Path(config.corpora) / "kb", Path(config.corpora) / "queries") for game in config.held_out_games
+            if (Path(config.corpora) / "kb" / f"{game}.jsonl").is_file()}
     for kb_file in sorted((ASSETS_DIR / "kb").glob("*.jsonl")):
         sets[kb_file.stem] = (ASSETS_DIR / "kb", ASSETS_DIR / "eval")
     engine = None

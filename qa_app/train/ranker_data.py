@@ -35,6 +35,11 @@ _KEYBOARD_NEIGHBOURS = {
 }
 
 
+# Training games that no model trains on: the encoder reports on them, the ranker's fusion, rejector and
+# threshold are fitted on them. Different genres, so the operating point is not one game's.
+CALIBRATION_GAMES = ("survivor_trader", "clinic_director", "noir_informant")
+
+
 @dataclass
 class Group:
     query: str              # as the ranker sees it at inference: normalised and spelled
