@@ -10,9 +10,10 @@ from conftest import ASSETS
 from qa_app.evaluate import evaluate, evaluate_baseline
 from qa_app.kb import load_queries
 
-# Levels measured 2026-11-24 on this CPU (INT8 ranker), minus a margin for numeric drift.
-FLOORS = {"innkeeper": {"in_scope_top1": 0.84, "answered_correctly": 0.56},
-          "quartermaster": {"in_scope_top1": 0.83, "answered_correctly": 0.69}}
+# Levels measured 2026-11-24 on this CPU (INT8 ranker, models trained on 31 games), minus a margin for
+# numeric drift. "answered@10%far": answered correctly with the threshold set for 10% false accepts on the set.
+FLOORS = {"innkeeper": {"in_scope_top1": 0.86, "answered_correctly": 0.52, "answered@10%far": 0.68},
+          "quartermaster": {"in_scope_top1": 0.845, "answered_correctly": 0.67, "answered@10%far": 0.74}}
 
 
 @pytest.fixture(scope="module", params=sorted(FLOORS))
@@ -34,8 +35,9 @@ def test_misspellings_cost_at_most_five_points_of_top1(results):
 
 def test_quality_does_not_fall_below_todays_level(results):
     npc, metrics, _ = results
+    measured = {**metrics, "answered@10%far": metrics["at_10pct_far"]["answered_correctly"]}
     for key, floor in FLOORS[npc].items():
-        assert metrics[key] >= floor, (npc, key, metrics[key])
+        assert measured[key] >= floor, (npc, key, measured[key])
 
 
 def test_pipeline_clearly_beats_plain_bi_encoder_cosine(results):
