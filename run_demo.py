@@ -113,7 +113,8 @@ def run_local(args, rate: int, chunks: Iterator[np.ndarray]) -> int:
     print("loading models ...", flush=True)
     # Compute device, threshold and the rest come from QA_* variables, as for the server.
     engine = _make_engine(argparse.Namespace(kb=args.kb, kb_dir=args.kb_dir, device=None, threshold=None,
-                                             index_kind=None, rank_k=None, speech_encoder=args.speech_encoder))
+                                             index_kind=None, rank_k=None, speech_encoder=args.speech_encoder,
+                                             speech_mode=args.speech_mode))
     npc = _pick_npc(engine, args.npc)
     engine.speech  # load the speech encoder now, not on the first question
     endpointer = Endpointer(VoiceActivity(), EndpointConfig(max_utterance_s=engine.settings.max_utterance_s))
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kb", type=Path, help="one NPC's knowledge-base file (in-process engine)")
     parser.add_argument("--kb-dir", type=Path, help="folder of knowledge bases (in-process engine)")
     parser.add_argument("--speech-encoder", help="speech model: shipped name, folder, or wav2vec2 checkpoint")
+    parser.add_argument("--speech-mode", choices=["vectoriser", "asr"],
+                        help="wav2vec2 vectoriser (default) or whisper + text path (asr extra)")
     args = parser.parse_args(argv)
     if args.list_devices:
         return list_devices()

@@ -21,6 +21,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-kind", choices=["flat", "ivf", "hnsw"], help="faiss index (flat is exact)")
     parser.add_argument("--rank-k", type=int, help="entries the ranker reads per question")
     parser.add_argument("--speech-encoder", help="speech model: shipped name, folder, or wav2vec2 checkpoint")
+    parser.add_argument("--speech-mode", choices=["vectoriser", "asr"],
+                        help="spoken questions: wav2vec2 vectoriser (default) or whisper + text path (asr extra)")
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +45,8 @@ def _make_engine(args):
 
     settings = Settings.from_env(kb_dir=args.kb_dir, device=args.device, threshold=args.threshold,
                                  index_kind=args.index_kind, rank_k=args.rank_k,
-                                 speech_encoder=getattr(args, "speech_encoder", None))
+                                 speech_encoder=getattr(args, "speech_encoder", None),
+                                 speech_mode=getattr(args, "speech_mode", None))
     if args.kb:
         return QAEngine.from_kb_file(args.kb, settings=settings)
     return QAEngine(settings=settings)
@@ -163,7 +166,8 @@ def cmd_serve(args) -> int:
     logging.getLogger("qa_app").setLevel(logging.INFO)
     settings = Settings.from_env(kb_dir=args.kb_dir, device=args.device, host=args.host, port=args.port,
                                  workers=args.workers, max_queue=args.max_queue, auth_token=args.token,
-                                 tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port)
+                                 tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
+                                 speech_encoder=args.speech_encoder, speech_mode=args.speech_mode)
     asyncio.run(serve(settings))
     return 0
 
@@ -372,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port")
+    p.add_argument("--speech-encoder", help="speech model for Talk: shipped name, folder, or wav2vec2 checkpoint")
+    p.add_argument("--speech-mode", choices=["vectoriser", "asr"],
+                   help="Talk answers via the wav2vec2 vectoriser (default) or whisper + text path (asr extra)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("loadtest", help="simulate many players against a running server")

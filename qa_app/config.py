@@ -22,7 +22,9 @@ class Settings:
     max_query_chars: int = 500           # longer text is truncated with a warning
     spelling: bool = True
     cpu_int8: bool = True                # on CPU, run the ranker with dynamic INT8 Linear layers (~4x faster)
+    speech_mode: str = "vectoriser"      # vectoriser (wav2vec2 straight into the text space) | asr (whisper + text path)
     speech_encoder: str | None = "speech-encoder"  # wav2vec2 vectoriser for spoken questions; loaded on first use
+    asr_model: str = "whisper-base"      # for speech_mode asr: bundled whisper-base (asr extra) or a CTranslate2 folder
     speech_threshold: float | None = None  # accept spoken answers at this confidence; None: calibrated default
     max_utterance_s: float = 15.0        # longer speech is refused (the endpointer cuts streams here)
     # gRPC server

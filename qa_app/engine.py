@@ -74,14 +74,28 @@ class Answer:
 
 @dataclass
 class SpeechPath:
-    """The speech encoder with the fusion and rejector calibrated on spoken questions (they differ from
-    typed ones: the ranker reads a CTC transcript, and speech vectors sit further from the KB)."""
-    encoder: "SpeechEncoder"
+    """How spoken questions become answers, by ``Settings.speech_mode``:
+
+    - "vectoriser": the wav2vec2 speech encoder puts the audio straight into the text space; its CTC
+      transcript is what the ranker reads. Fusion and rejector calibrated on spoken questions (they differ
+      from typed ones: speech vectors sit further from the KB).
+    - "asr": whisper transcribes and the text path answers the transcript (the baseline, selectable where
+      its accuracy matters more than its latency); the text path's own calibration applies.
+    """
+    encoder: "SpeechEncoder | None"
+    transcriber: "WhisperTranscriber | None"
     fusion: Fusion | None
     rejector: Rejector | None
 
     @classmethod
     def load(cls, settings: Settings, text_fusion: Fusion | None, text_rejector: Rejector | None) -> "SpeechPath":
+        if settings.speech_mode == "asr":
+            from qa_app.audio.asr import WhisperTranscriber
+
+            device = "cuda" if settings.device.startswith("cuda") else "cpu"
+            return cls(None, WhisperTranscriber(settings.asr_model, device), text_fusion, text_rejector)
+        if settings.speech_mode != "vectoriser":
+            raise SpeechUnavailableError(f"unknown speech mode {settings.speech_mode!r}; use vectoriser or asr")
         from qa_app.models.speech_encoder import SpeechEncoder
 
         if not settings.speech_encoder:
@@ -96,7 +110,7 @@ class SpeechPath:
             log.warning("speech encoder %s has no spoken-question calibration; using the text one",
                         settings.speech_encoder)
             rejector, fusion = text_rejector, text_fusion
-        return cls(encoder, fusion, rejector)
+        return cls(encoder, None, fusion, rejector)
 
 
 class SpeechUnavailableError(RuntimeError):
@@ -325,19 +339,37 @@ class QAEngine:
             if len(samples) > limit * 16000:
                 raise AudioError(f"utterance of {len(samples) / 16000:.1f} s is longer than the {limit:g} s limit")
         start = time.perf_counter()
-        vectors, transcripts = speech.encoder.encode(utterances)
-        timings["embed"] = _ms(start)
+        if speech.transcriber is not None:
+            transcripts = [speech.transcriber.transcribe(u) for u in utterances]
+            timings["transcribe"] = _ms(start)
+        else:
+            vectors, transcripts = speech.encoder.encode(utterances)
+            timings["embed"] = _ms(start)
         start = time.perf_counter()
         normalized = [normalize(t) for t in transcripts]
         spelled = [index.speller.correct(t) if index.speller and t else t for t in normalized]
         mentions = [index.entities.find(t) for t in spelled]
         timings["transcript"] = _ms(start)
-        threshold = self.settings.speech_threshold
-        if threshold is None:
-            threshold = speech.rejector.threshold if speech.rejector else 0.5
-        return self._answer(npc, index, transcripts, spelled, mentions, list(range(len(utterances))), vectors,
-                            [[] for _ in utterances], timings, total, speech.fusion, speech.rejector, threshold,
-                            top_k)
+        readable = list(range(len(utterances)))
+        if speech.transcriber is not None:  # the text path from here: embed what was heard
+            readable = [i for i, t in enumerate(spelled) if t]
+            start = time.perf_counter()
+            vectors = self.encoder.encode([spelled[i] for i in readable]) if readable else None
+            timings["embed"] = _ms(start)
+        return self._answer(npc, index, transcripts, spelled, mentions, readable, vectors,
+                            [[] for _ in utterances], timings, total, speech.fusion, speech.rejector,
+                            self.speech_threshold, top_k)
+
+    @property
+    def speech_threshold(self) -> float:
+        """Spoken answers are accepted at this confidence: QA_SPEECH_THRESHOLD, else the speech path's own
+        calibrated threshold (the text one when whisper feeds the text path)."""
+        if self.settings.speech_threshold is not None:
+            return self.settings.speech_threshold
+        speech = self.speech
+        if speech.transcriber is not None or speech.rejector is None:
+            return self.threshold
+        return speech.rejector.threshold
 
     @property
     def speech(self) -> "SpeechPath":

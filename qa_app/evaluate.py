@@ -144,19 +144,17 @@ def evaluate_speech(engine: QAEngine, npc: str, manifest: str, batch_size: int =
         top_ids += [a.candidates[0].id if a.candidates else None for a in answers]
         confidences += [a.confidence for a in answers]
         transcripts += [a.query for a in answers]
-    threshold = engine.settings.speech_threshold
-    if threshold is None:
-        threshold = engine.speech.rejector.threshold if engine.speech.rejector else 0.5
-    metrics = score_decisions(queries, top_ids, np.array(confidences), threshold)
+    metrics = score_decisions(queries, top_ids, np.array(confidences), engine.speech_threshold)
     at_far = score_decisions(queries, top_ids, np.array(confidences), threshold_at_far(queries, np.array(confidences)))
     metrics["at_10pct_far"] = {k: at_far[k] for k in ("threshold", "answered_correctly", "false_accept_rate")}
     metrics["latency_ms_per_utterance"] = float(np.mean(latencies))
     said = [(i, normalize(line["text"])) for i, line in enumerate(lines) if line.get("text")]
-    if said:
+    if said and engine.speech.encoder is not None:
         vectors, _ = engine.speech.encoder.encode([waves[i] for i, _ in said])
         cosines = (vectors * engine.encoder.encode([t for _, t in said])).sum(-1)
         metrics["text_cosine"] = {"median": float(np.median(cosines)), "p10": float(np.percentile(cosines, 10)),
                                   "p90": float(np.percentile(cosines, 90)), "mean": float(cosines.mean())}
+    if said:
         metrics["transcript_wer"] = word_error_rate([t for _, t in said], [transcripts[i] for i, _ in said])
     if asr_baseline:
         metrics["asr_baseline"] = evaluate_asr_baseline(engine, npc, queries, waves, asr_baseline,

@@ -97,3 +97,17 @@ def test_saved_index_is_reused_only_while_the_kb_is_unchanged(tmp_path):
     assert NpcIndex(load_kb(path), engine.encoder)._saved_index(load_kb(path), engine.encoder, "flat") is not None
     path.write_text(path.read_text().replace("mill", "church"))
     assert NpcIndex(load_kb(path), engine.encoder)._saved_index(load_kb(path), engine.encoder, "flat") is None
+
+
+def test_speech_in_asr_mode_answers_whisper_transcripts_through_the_text_path():
+    pytest.importorskip("faster_whisper", reason="the whisper speech mode needs the asr extra")
+    from qa_app.audio.io import read_audio_file
+    from qa_app.train.speech_data import read_manifest
+
+    engine = QAEngine(settings=Settings(kb_dir=ASSETS / "kb", device="cpu", speech_mode="asr"))
+    lines = [x for x in read_manifest(ASSETS / "eval" / "spoken" / "innkeeper.jsonl") if x["expected_id"]][:4]
+    answers = engine.ask_speech_batch("innkeeper", [read_audio_file(x["audio"]) for x in lines])
+    assert all(a.query and "transcribe" in a.timings_ms and "embed" in a.timings_ms for a in answers)
+    typed = engine.ask_batch("innkeeper", [a.query for a in answers])
+    assert [a.candidates[0].id for a in answers] == [t.candidates[0].id for t in typed]
+    assert engine.speech_threshold == engine.threshold

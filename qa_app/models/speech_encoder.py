@@ -163,8 +163,14 @@ class SpeechEncoder:
         self.name = str(model)
 
     @torch.inference_mode()
-    def encode(self, waves: list[np.ndarray], batch_size: int = 32) -> tuple[np.ndarray, list[str]]:
-        """Embeddings [len(waves), dim] float32 and greedy CTC transcripts, one per utterance."""
+    def encode(self, waves: list[np.ndarray], batch_size: int | None = None) -> tuple[np.ndarray, list[str]]:
+        """Embeddings [len(waves), dim] float32 and greedy CTC transcripts, one per utterance.
+
+        batch_size: utterances per forward pass; default 32 on CUDA and 1 on CPU, where batching gains
+        nothing and the convolutional front end's activations (256 channels at 3.2 kHz) of a padded batch
+        outgrow the caches: measured 58 ms per 3 s utterance alone, 73 ms in batches of 16 (2 cores).
+        """
+        batch_size = batch_size or (32 if self.device.type == "cuda" else 1)
         out = np.zeros((len(waves), self.dim), dtype=np.float32)
         texts = [""] * len(waves)
         order = sorted(range(len(waves)), key=lambda i: len(waves[i]))  # similar lengths pad little
