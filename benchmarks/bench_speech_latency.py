@@ -21,13 +21,15 @@ from qa_app.models.loading import ASSETS_DIR
 from qa_app.models.speech_encoder import SpeechEncoder
 
 
-def utterances(seconds: float, count: int) -> list[np.ndarray]:
+def utterances(folder: Path, seconds: float, count: int) -> list[np.ndarray]:
     """Real spoken questions, each looped or cut to exactly ``seconds``."""
     import soundfile as sf
 
     from qa_app.audio.io import resample_to_16k
 
-    files = sorted((ASSETS_DIR / "eval" / "spoken" / "innkeeper").glob("*.ogg"))[:count]
+    files = sorted(folder.glob("*.ogg"))[:count]
+    if not files:
+        raise SystemExit(f"no .ogg speech in {folder}")
     out = []
     for path in files:
         samples, rate = sf.read(path, dtype="float32")
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--batches", default="1,16,64", help="batch sizes to time")
+    parser.add_argument("--audio", type=Path, default=ASSETS_DIR / "eval" / "spoken" / "innkeeper",
+                        help="folder of .ogg speech to time on")
     args = parser.parse_args()
 
     encoder = SpeechEncoder(args.model, device=args.device)
@@ -72,7 +76,7 @@ def main() -> None:
           f"{'fp16' if encoder.device.type == 'cuda' else 'fp32'}; utterances of {args.seconds:g} s")
     print(f"{'batch':>6}{'p50 ms':>10}{'p99 ms':>10}{'ms/utt':>10}{'audio-s/s':>12}")
     for size in (int(b) for b in args.batches.split(",")):
-        batch = utterances(args.seconds, size)
+        batch = utterances(args.audio, args.seconds, size)
         if len(batch) < size:
             batch = (batch * size)[:size]
         repeats = args.repeats if size == 1 else max(5, args.repeats // 5)
