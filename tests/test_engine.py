@@ -16,8 +16,6 @@ def test_answers_a_plain_question_with_its_entry(engine):
     assert 0.0 <= answer.confidence <= 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="known weakness (2026-11-24): 'i got knocked, how do i get revived' still "
-                   "ranks 'revive a teammate' first; the ranker does not yet separate who revives whom")
 def test_close_entries_are_told_apart(engine):
     revive = engine.ask("quartermaster", "how do i revive my squadmate")
     revived = engine.ask("quartermaster", "i got knocked how do i get revived")
