@@ -29,7 +29,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(tmp_path):
             time.sleep(0.5)
         port = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text()).group(1)
         with NpcClient(f"127.0.0.1:{port}", timeout=60, retries=0) as client, ThreadPoolExecutor(12) as pool:
-            futures = [pool.submit(client.ask, "quartermaster", "how do i revive my duo") for _ in range(12)]
+            futures = [pool.submit(client.ask, "quartermaster", "how do i revive my teammate") for _ in range(12)]
             time.sleep(0.3)  # the requests are queued behind the single worker
             process.send_signal(signal.SIGTERM)
             answers = [f.result() for f in futures]
