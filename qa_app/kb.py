@@ -6,6 +6,7 @@ Every error names the file and the line, so a game designer can fix the data wit
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,23 @@ class KnowledgeBase:
 
 def _fail(path: Path, line: int, message: str) -> KnowledgeBaseError:
     return KnowledgeBaseError(f"{path.name}:{line}: {message}")
+
+
+def jsonl_objects(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file; errors name the file and line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _fail(path, data[: err.start].count(b"\n") + 1, f"not valid UTF-8 (byte {err.start})") from None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise _fail(path, number, f"bad JSON: {err.msg} (column {err.colno})") from None
+        yield number, value
 
 
 def _string_list(path: Path, line: int, entry_id: str, key: str, value, *, allow_empty: bool) -> tuple[str, ...]:
@@ -87,20 +105,9 @@ def load_kb(path: str | Path, npc: str | None = None) -> KnowledgeBase:
     path = Path(path)
     if not path.is_file():
         raise KnowledgeBaseError(f"{path}: no such knowledge-base file")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise _fail(path, line, f"not valid UTF-8 (byte {err.start})") from None
     entries: list[Entry] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise _fail(path, number, f"bad JSON: {err.msg} (column {err.colno})") from None
+    for number, obj in jsonl_objects(path):
         entry = parse_entry(path, number, obj)
         if entry.id in seen:
             raise _fail(path, number, f"duplicate id {entry.id!r} (first on line {seen[entry.id]})")
@@ -136,13 +143,7 @@ def load_queries(path: str | Path) -> list[LabelledQuery]:
     if not path.is_file():
         raise KnowledgeBaseError(f"{path}: no such query file")
     queries = []
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise _fail(path, number, f"bad JSON: {err.msg}") from None
+    for number, obj in jsonl_objects(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("query"), str) or "expected_id" not in obj:
             raise _fail(path, number, "expected {'query': str, 'expected_id': str|null, 'kind': str}")
         expected = obj["expected_id"]

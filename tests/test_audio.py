@@ -152,3 +152,18 @@ def test_streams_batched_together_match_streams_run_alone(vad):
         batched = vad(step, together)
         single = np.array([vad(step[i:i + 1], [alone[i]])[0] for i in range(3)])
         assert np.allclose(batched, single, atol=1e-5)
+
+
+def test_audio_manifests_resolve_paths_and_report_bad_lines_with_file_and_line(tmp_path):
+    from qa_app.kb import KnowledgeBaseError
+    from qa_app.train.speech_data import read_manifest
+
+    good = tmp_path / "set.jsonl"
+    good.write_text('{"audio": "a/1.wav", "expected_id": "x"}\n\n{"audio": "/abs/2.wav", "expected_id": null}\n')
+    lines = read_manifest(good)
+    assert [line["audio"] for line in lines] == [str(tmp_path / "a" / "1.wav"), "/abs/2.wav"]
+    for text, message in [('{"audio": "1.wav"}\n{"audio": \n', "set.jsonl:2: bad JSON"),
+                          ('{"expected_id": "x"}\n', "set.jsonl:1: expected an object with an 'audio' path")]:
+        good.write_text(text)
+        with pytest.raises(KnowledgeBaseError, match=message):
+            read_manifest(good)

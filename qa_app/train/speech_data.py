@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qa_app.audio.synth import ESPEAK_VARIANTS, ESPEAK_VOICES, EspeakVoice, PiperVoiceStyle
-from qa_app.kb import load_kb, load_queries
+from qa_app.kb import KnowledgeBaseError, jsonl_objects, load_kb, load_queries
 from qa_app.text.normalize import normalize
 
 SAMPLE_RATE = 16_000
@@ -171,15 +171,9 @@ def read_manifest(path: str | Path) -> list[dict]:
     """Manifest lines with ``audio`` resolved against the manifest's folder."""
     path = Path(path)
     lines = []
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            line = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: bad JSON: {err.msg}") from None
+    for number, line in jsonl_objects(path):
         if not isinstance(line, dict) or not isinstance(line.get("audio"), str):
-            raise ValueError(f"{path}:{number}: expected an object with an 'audio' path")
+            raise KnowledgeBaseError(f"{path.name}:{number}: expected an object with an 'audio' path")
         line["audio"] = str(path.parent / line["audio"])
         lines.append(line)
     return lines
