@@ -73,6 +73,18 @@ class Answer:
 
 
 @dataclass
+class Reading:
+    """A question as the engine read it, before any model ran: what every later stage works from."""
+    npc: str
+    index: "NpcIndex"
+    text: str                       # as the player typed it, or as the speech encoder heard it
+    spelled: str                    # normalised and spell-corrected: what the models read ("": nothing to read)
+    mentions: list[EntityMention]
+    warnings: list[str]
+    timings_ms: dict[str, float]
+
+
+@dataclass
 class SpeechPath:
     """How spoken questions become answers, by ``Settings.speech_mode``:
 
@@ -219,8 +231,10 @@ class QAEngine:
         self.settings = settings or Settings()
         if kbs is None:
             kbs = load_kb_dir(kb_dir or self.settings.kb_dir)
-        self.encoder = TextEncoder(self.settings.text_encoder, self.settings.device)
-        self.ranker = (Ranker(self.settings.ranker, self.settings.device, cpu_int8=self.settings.cpu_int8)
+        graphs = self.settings.cuda_graphs
+        self.encoder = TextEncoder(self.settings.text_encoder, self.settings.device, cuda_graphs=graphs)
+        self.ranker = (Ranker(self.settings.ranker, self.settings.device, cpu_int8=self.settings.cpu_int8,
+                              cuda_graphs=graphs)
                        if self.settings.ranker else None)
         self.rejector: Rejector | None = None
         self.fusion: Fusion | None = None
@@ -280,47 +294,60 @@ class QAEngine:
     def ask(self, npc: str, text: str, top_k: int | None = None) -> Answer:
         return self.ask_batch(npc, [text], top_k)[0]
 
+    def read(self, npc: str, text: str) -> Reading:
+        """Validate, normalise, spell-correct and find entities: everything before the models run."""
+        index = self._index(npc)
+        if not isinstance(text, str):
+            raise QueryError("the question must be text")
+        start = time.perf_counter()
+        warnings = []
+        said = text
+        if len(said) > self.settings.max_query_chars:
+            warnings.append(f"question truncated from {len(said)} to {self.settings.max_query_chars} characters")
+            log.warning("npc=%s: %s", npc, warnings[-1])
+            said = said[: self.settings.max_query_chars]
+        if not said.strip():
+            raise QueryError("the question is empty")
+        return self._read(npc, index, text, said, warnings, start, "normalize")
+
+    def read_transcript(self, npc: str, transcript: str) -> Reading:
+        """What a spoken question said, read like typed text (it may be empty: nothing was understood)."""
+        return self._read(npc, self._index(npc), transcript, transcript, [], time.perf_counter(), "transcript")
+
+    def _read(self, npc: str, index: NpcIndex, text: str, said: str, warnings: list[str], start: float,
+              first_stage: str) -> Reading:
+        timings = {}
+        normalized = normalize(said)
+        timings[first_stage] = _ms(start)
+        start = time.perf_counter()
+        # Text with nothing to read once normalised ("???", emoji) is refused without running the models.
+        spelled = index.speller.correct(normalized) if index.speller and normalized else normalized
+        timings["spelling"] = _ms(start)
+        start = time.perf_counter()
+        mentions = index.entities.find(spelled)
+        timings["entities"] = _ms(start)
+        return Reading(npc, index, text, spelled, mentions, warnings, timings)
+
     def ask_batch(self, npc: str, texts: list[str], top_k: int | None = None) -> list[Answer]:
         """Answer several questions to one NPC with one encoder call and one ranker call."""
-        index = self._index(npc)
         total = time.perf_counter()
-        timings: dict[str, float] = {}
-
+        readings = [self.read(npc, text) for text in texts]
         start = time.perf_counter()
-        warnings: list[list[str]] = []
-        normalized: list[str] = []
-        for text in texts:
-            if not isinstance(text, str):
-                raise QueryError("the question must be text")
-            notes = []
-            if len(text) > self.settings.max_query_chars:
-                notes.append(f"question truncated from {len(text)} to {self.settings.max_query_chars} characters")
-                log.warning("npc=%s: %s", npc, notes[-1])
-                text = text[: self.settings.max_query_chars]
-            if not text.strip():
-                raise QueryError("the question is empty")
-            normalized.append(normalize(text))
-            warnings.append(notes)
-        timings["normalize"] = _ms(start)
-
-        # Text with nothing to read once normalised ("???", emoji) is refused without running the models.
-        readable = [i for i, t in enumerate(normalized) if t]
-        start = time.perf_counter()
-        spelled = [index.speller.correct(t) for t in normalized] if index.speller else normalized
-        timings["spelling"] = _ms(start)
-
-        start = time.perf_counter()
-        mentions = [index.entities.find(t) for t in spelled]
-        timings["entities"] = _ms(start)
-
-        start = time.perf_counter()
-        vectors = self.encoder.encode([spelled[i] for i in readable]) if readable else None
-        timings["embed"] = _ms(start)
-        return self._answer(npc, index, texts, spelled, mentions, readable, vectors, warnings, timings, total,
-                            self.fusion, self.rejector, self.threshold, top_k)
+        readable = [r for r in readings if r.spelled]
+        vectors = self.encoder.encode([r.spelled for r in readable])
+        stage_ms = {"embed": _ms(start)}
+        return self._answer(readings, readable, vectors, stage_ms, total, spoken=False, top_k=top_k)
 
     def ask_speech(self, npc: str, samples: np.ndarray, top_k: int | None = None) -> Answer:
         return self.ask_speech_batch(npc, [samples], top_k)[0]
+
+    def check_utterance(self, samples: np.ndarray) -> None:
+        """Refuse audio too short to hold a question or longer than the configured limit."""
+        limit = self.settings.max_utterance_s
+        if len(samples) < SPEECH_MIN_SAMPLES:
+            raise AudioError(f"utterance of {len(samples) / 16000:.2f} s is too short to be a question")
+        if len(samples) > limit * 16000:
+            raise AudioError(f"utterance of {len(samples) / 16000:.1f} s is longer than the {limit:g} s limit")
 
     def ask_speech_batch(self, npc: str, utterances: list[np.ndarray], top_k: int | None = None) -> list[Answer]:
         """Answer spoken questions (float32 mono 16 kHz, one per utterance) with one speech-encoder call.
@@ -328,37 +355,89 @@ class QAEngine:
         The speech vector goes straight to recall in the text space; the encoder's CTC transcript, spelled
         against the KB, is what the ranker reads, what entities are found in, and what the player is shown.
         """
-        index = self._index(npc)
+        self._index(npc)
         speech = self.speech
         total = time.perf_counter()
-        timings: dict[str, float] = {}
-        limit = self.settings.max_utterance_s
         for samples in utterances:
-            if len(samples) < SPEECH_MIN_SAMPLES:
-                raise AudioError(f"utterance of {len(samples) / 16000:.2f} s is too short to be a question")
-            if len(samples) > limit * 16000:
-                raise AudioError(f"utterance of {len(samples) / 16000:.1f} s is longer than the {limit:g} s limit")
+            self.check_utterance(samples)
         start = time.perf_counter()
+        stage_ms = {}
         if speech.transcriber is not None:
             transcripts = [speech.transcriber.transcribe(u) for u in utterances]
-            timings["transcribe"] = _ms(start)
+            stage_ms["transcribe"] = _ms(start)
         else:
             vectors, transcripts = speech.encoder.encode(utterances)
-            timings["embed"] = _ms(start)
-        start = time.perf_counter()
-        normalized = [normalize(t) for t in transcripts]
-        spelled = [index.speller.correct(t) if index.speller and t else t for t in normalized]
-        mentions = [index.entities.find(t) for t in spelled]
-        timings["transcript"] = _ms(start)
-        readable = list(range(len(utterances)))
+            stage_ms["embed"] = _ms(start)
+        readings = [self.read_transcript(npc, t) for t in transcripts]
+        readable = readings
         if speech.transcriber is not None:  # the text path from here: embed what was heard
-            readable = [i for i, t in enumerate(spelled) if t]
+            readable = [r for r in readings if r.spelled]
             start = time.perf_counter()
-            vectors = self.encoder.encode([spelled[i] for i in readable]) if readable else None
-            timings["embed"] = _ms(start)
-        return self._answer(npc, index, transcripts, spelled, mentions, readable, vectors,
-                            [[] for _ in utterances], timings, total, speech.fusion, speech.rejector,
-                            self.speech_threshold, top_k)
+            vectors = self.encoder.encode([r.spelled for r in readable])
+            stage_ms["embed"] = _ms(start)
+        return self._answer(readings, readable, vectors, stage_ms, total, spoken=True, top_k=top_k)
+
+    def _answer(self, readings: list[Reading], readable: list[Reading], vectors: np.ndarray,
+                stage_ms: dict[str, float], total: float, spoken: bool, top_k: int | None) -> list[Answer]:
+        """From query vectors on, for a batch: recall, rank, fuse, decide. ``readable``: readings with vectors."""
+        start = time.perf_counter()
+        shortlists = [self.shortlist(r, v) for r, v in zip(readable, vectors)]
+        stage_ms["recall"] = _ms(start)
+        start = time.perf_counter()
+        logit_lists = self.score([r.spelled for r in readable],
+                                 [self.passages(r, s) for r, s in zip(readable, shortlists)])
+        ranked = {id(r): self.candidates(r, s, logits, spoken) for r, s, logits in zip(readable, shortlists, logit_lists)}
+        stage_ms["rank"] = _ms(start)
+        start = time.perf_counter()
+        answers = [self.decide(r, ranked.get(id(r), []), spoken, top_k, stage_ms) for r in readings]
+        stage_ms["reject"] = _ms(start)
+        for answer in answers:
+            answer.timings_ms.update(reject=stage_ms["reject"], total=_ms(total))
+        return answers
+
+    def shortlist(self, reading: Reading, vector: np.ndarray) -> list[tuple[int, int, float, float]]:
+        """Recall: the best KB entries for a query vector as (entry, question, question cos, answer cos)."""
+        scores, ids = search(reading.index.index, vector[None, :], self.settings.recall_k)
+        hits = [(int(q), float(c)) for q, c in zip(ids[0], scores[0]) if q >= 0]
+        return reading.index.shortlist(vector, hits, self.settings.rank_k)
+
+    def passages(self, reading: Reading, shortlist: list[tuple[int, int, float, float]]) -> list[str]:
+        """What the ranker reads for each shortlisted entry."""
+        return [reading.index.passage(qid, self.passage_mode) for _, qid, _, _ in shortlist]
+
+    def score(self, queries: list[str], passages: list[list[str]]) -> list[np.ndarray]:
+        """Ranker logits per query for its passages (zeros when no ranker is loaded)."""
+        if not queries:
+            return []
+        if self.ranker is None:
+            return [np.zeros(len(p), dtype=np.float32) for p in passages]
+        return self.ranker.score_lists(queries, passages)
+
+    def candidates(self, reading: Reading, shortlist: list[tuple[int, int, float, float]], logits: np.ndarray,
+                   spoken: bool) -> list[Candidate]:
+        """The shortlist scored by the fusion of ranker logit and recall cosines, best first."""
+        fusion = self.speech.fusion if spoken else self.fusion
+        index = reading.index
+        feats = np.array([[logit, cq, ca] for logit, (_, _, cq, ca) in zip(logits, shortlist)]).reshape(-1, 3)
+        final = fusion.score(feats) if fusion else feats[:, 1] + ANSWER_WEIGHT * feats[:, 2]
+        candidates = [Candidate(index.kb.entries[e].id, index.original_questions[qid], index.kb.entries[e].answer,
+                                cq, ca, float(logit), float(score))
+                      for (e, qid, cq, ca), logit, score in zip(shortlist, logits, final)]
+        candidates.sort(key=lambda c: -c.rank_score)
+        return candidates
+
+    def decide(self, reading: Reading, candidates: list[Candidate], spoken: bool, top_k: int | None,
+               stage_ms: dict[str, float]) -> Answer:
+        """Accept the best candidate if its calibrated confidence reaches the threshold, else refuse."""
+        rejector = self.speech.rejector if spoken else self.rejector
+        threshold = self.speech_threshold if spoken else self.threshold
+        confidence = self._confidence(candidates, rejector) if candidates else 0.0
+        rejected = confidence < threshold
+        return Answer(
+            npc=reading.npc, query=reading.text, normalized_query=reading.spelled,
+            id=None if rejected else candidates[0].id, answer=None if rejected else candidates[0].answer,
+            confidence=confidence, rejected=rejected, candidates=candidates[: top_k or len(candidates)],
+            entities=reading.mentions, timings_ms={**reading.timings_ms, **stage_ms}, warnings=reading.warnings)
 
     @property
     def speech_threshold(self) -> float:
@@ -378,62 +457,6 @@ class QAEngine:
             if self._speech is None:
                 self._speech = SpeechPath.load(self.settings, self.fusion, self.rejector)
             return self._speech
-
-    def _answer(self, npc: str, index: NpcIndex, texts: list[str], spelled: list[str], mentions, readable: list[int],
-                vectors, warnings: list[list[str]], timings: dict[str, float], total: float,
-                fusion: "Fusion | None", rejector: "Rejector | None", threshold: float,
-                top_k: int | None) -> list[Answer]:
-        """From query vectors on: recall, rank, fuse, decide. ``readable``: which texts have vectors."""
-        start = time.perf_counter()
-        shortlists = self._recall(index, vectors) if readable else []
-        timings["recall"] = _ms(start)
-
-        start = time.perf_counter()
-        ranked_readable = self._rank(index, [spelled[i] for i in readable], shortlists, fusion)
-        ranked: list[list[Candidate]] = [[] for _ in texts]
-        for i, candidates in zip(readable, ranked_readable):
-            ranked[i] = candidates
-        timings["rank"] = _ms(start)
-
-        start = time.perf_counter()
-        answers = []
-        for i, candidates in enumerate(ranked):
-            confidence = self._confidence(candidates, rejector) if candidates else 0.0
-            rejected = confidence < threshold
-            answers.append(Answer(
-                npc=npc, query=texts[i], normalized_query=spelled[i],
-                id=None if rejected else candidates[0].id, answer=None if rejected else candidates[0].answer,
-                confidence=confidence, rejected=rejected,
-                candidates=candidates[: top_k or len(candidates)], entities=mentions[i],
-                timings_ms=timings, warnings=warnings[i]))
-        timings["reject"] = _ms(start)
-        timings["total"] = _ms(total)
-        return answers
-
-    def _recall(self, index: NpcIndex, vectors: np.ndarray) -> list[list[tuple[int, int, float, float]]]:
-        """Per query, the best KB entries as (entry, question, question cos, answer cos), best first."""
-        scores, ids = search(index.index, vectors, self.settings.recall_k)
-        return [index.shortlist(vector, [(int(q), float(c)) for q, c in zip(row_ids, row_scores) if q >= 0],
-                                self.settings.rank_k)
-                for vector, row_scores, row_ids in zip(vectors, scores, ids)]
-
-    def _rank(self, index: NpcIndex, queries: list[str], shortlists: list[list[tuple[int, int, float, float]]],
-              fusion: "Fusion | None") -> list[list[Candidate]]:
-        if not queries:
-            return []
-        passages = [[index.passage(qid, self.passage_mode) for _, qid, _, _ in shortlist] for shortlist in shortlists]
-        logit_lists = (self.ranker.score_lists(queries, passages) if self.ranker
-                       else [np.zeros(len(p), dtype=np.float32) for p in passages])
-        ranked = []
-        for shortlist, logits in zip(shortlists, logit_lists):
-            feats = np.array([[logit, cq, ca] for logit, (_, _, cq, ca) in zip(logits, shortlist)])
-            final = fusion.score(feats) if fusion else feats[:, 1] + ANSWER_WEIGHT * feats[:, 2]
-            candidates = [Candidate(index.kb.entries[e].id, index.original_questions[qid], index.kb.entries[e].answer,
-                                    cq, ca, float(logit), float(score))
-                          for (e, qid, cq, ca), logit, score in zip(shortlist, logits, final)]
-            candidates.sort(key=lambda c: -c.rank_score)
-            ranked.append(candidates)
-        return ranked
 
     @staticmethod
     def _confidence(candidates: list[Candidate], rejector: "Rejector | None") -> float:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
@@ -70,3 +71,19 @@ def quantize_for_cpu(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch points users at torchao; the eager API still does this job
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def pad_encodings(rows: list[dict[str, list[int]]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Tokenised rows (input_ids, optionally token_type_ids) padded on the right into one batch on device,
+    with the attention mask: [rows, longest] each."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    batch = {key: np.full((len(rows), longest), pad_id if key == "input_ids" else 0, dtype=np.int64)
+             for key in rows[0] if key in ("input_ids", "token_type_ids")}
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        mask[i, :n] = 1
+        for key, values in batch.items():
+            values[i, :n] = row[key]
+    batch["attention_mask"] = mask
+    return {key: torch.from_numpy(values).to(device) for key, values in batch.items()}
