@@ -165,7 +165,9 @@ def cmd_serve(args) -> int:
 
     logging.getLogger("qa_app").setLevel(logging.INFO)
     settings = Settings.from_env(kb_dir=args.kb_dir, device=args.device, host=args.host, port=args.port,
-                                 workers=args.workers, max_queue=args.max_queue, auth_token=args.token,
+                                 workers=args.workers, max_queue=args.max_queue, max_batch_size=args.max_batch_size,
+                                 max_queue_delay_ms=args.max_queue_delay_ms, max_batch_tokens=args.max_batch_tokens,
+                                 max_batch_audio_s=args.max_batch_audio_s, auth_token=args.token,
                                  tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
                                  speech_encoder=args.speech_encoder, speech_mode=args.speech_mode)
     asyncio.run(serve(settings))
@@ -179,8 +181,14 @@ def cmd_loadtest(args) -> int:
     from qa_app.loadtest import run_load
     from qa_app.models.loading import ASSETS_DIR
 
-    path = args.queries or ASSETS_DIR / "eval" / "quartermaster.jsonl"
-    queries = load_queries(path)
+    if args.mode == "talk":
+        from qa_app.loadtest import load_spoken_questions
+
+        path = args.queries or ASSETS_DIR / "eval" / "spoken" / "innkeeper.jsonl"
+        queries = load_spoken_questions(path)
+    else:
+        path = args.queries or ASSETS_DIR / "eval" / "quartermaster.jsonl"
+        queries = load_queries(path)
     report = asyncio.run(run_load(args.server, args.npc or Path(path).stem, queries, args.players, args.duration,
                                   args.rate, args.mode, args.token, args.tls_ca))
     if args.json:
@@ -370,8 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
     p.add_argument("--kb-dir", type=Path, help="folder of knowledge bases, one NPC per file")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, help="engine calls running at once")
-    p.add_argument("--max-queue", type=int, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--workers", type=int, help="threads for the CPU stages (default: one per core)")
+    p.add_argument("--max-queue", type=int, help="requests in flight before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-batch-size", type=int, help="requests per model call (1 turns batching off)")
+    p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for others to share a batch")
+    p.add_argument("--max-batch-tokens", type=int, help="padded tokens per text-encoder or ranker call")
+    p.add_argument("--max-batch-audio-s", type=float, help="padded seconds of audio per speech-encoder call")
     p.add_argument("--token", help="require 'authorization: Bearer TOKEN' on every call (or QA_AUTH_TOKEN)")
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -386,9 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--players", type=int, default=16)
     p.add_argument("--duration", type=float, default=30.0, help="seconds")
     p.add_argument("--rate", type=float, default=0.0, help="questions per second per player (0: back to back)")
-    p.add_argument("--queries", type=Path, help="labelled query file (default: the bundled quartermaster set)")
+    p.add_argument("--queries", type=Path, help="labelled query file, or for --mode talk a spoken manifest "
+                   "(default: the bundled quartermaster set; spoken innkeeper set)")
     p.add_argument("--npc", help="NPC to ask (default: the query file's stem)")
-    p.add_argument("--mode", choices=["ask", "chat"], default="ask", help="unary calls or one stream per player")
+    p.add_argument("--mode", choices=["ask", "chat", "talk"], default="ask",
+                   help="unary calls, one Chat stream per player, or one real-time voice stream per player")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--token", help="bearer token for a server that requires one")
     p.add_argument("--tls-ca", help="PEM CA certificate to verify a TLS server")

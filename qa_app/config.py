@@ -21,6 +21,7 @@ class Settings:
     threshold: float | None = None       # accept when confidence >= threshold; None: the ranker's calibrated default
     max_query_chars: int = 500           # longer text is truncated with a warning
     spelling: bool = True
+    cuda_graphs: bool = True             # on CUDA, replay the text models from CUDA graphs per shape bucket
     cpu_int8: bool = True                # on CPU, run the ranker with dynamic INT8 Linear layers (~4x faster)
     speech_mode: str = "vectoriser"      # vectoriser (wav2vec2 straight into the text space) | asr (whisper + text path)
     speech_encoder: str | None = "speech-encoder"  # wav2vec2 vectoriser for spoken questions; loaded on first use
@@ -30,8 +31,13 @@ class Settings:
     # gRPC server
     host: str = "127.0.0.1"              # loopback unless told otherwise
     port: int = 50051
-    workers: int = 2                     # engine calls running at once
-    max_queue: int = 64                  # requests waiting for a worker; more get RESOURCE_EXHAUSTED (~1 s on 2 CPU cores)
+    workers: int = 0                     # threads for the CPU stages (normalise, spell, tokenise, recall); 0: up to 4
+    max_queue: int = 512                 # requests in flight; more get RESOURCE_EXHAUSTED
+    max_batch_size: int = 0              # requests per model call (dynamic batching); 1 turns batching off; 0: per device
+    max_queue_delay_ms: float = 0.0      # how long a lone request waits for others (0: batch what queued while the
+                                         # model was busy; on the H100 2 ms only added latency at low load)
+    max_batch_tokens: int = 0            # padded tokens (rows x longest) per text-encoder or ranker call; 0: per device
+    max_batch_audio_s: float = 240.0     # padded seconds of audio per speech-encoder call
     max_text_chars: int = 10_000         # longer questions are INVALID_ARGUMENT (the engine truncates shorter ones)
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_streams: int = 1024   # HTTP/2 streams per connection
@@ -56,7 +62,8 @@ class Settings:
 
 def _parse(name: str, raw: str, default):
     try:
-        if name in ("threshold", "shutdown_grace_s", "speech_threshold", "max_utterance_s"):
+        if name in ("threshold", "shutdown_grace_s", "speech_threshold", "max_utterance_s", "max_queue_delay_ms",
+                    "max_batch_audio_s"):
             return float(raw)
         if name in ("tls_cert", "tls_key"):
             return Path(raw)

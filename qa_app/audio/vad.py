@@ -102,21 +102,29 @@ class Endpointer:
         return max(1, int(round(ms * SAMPLE_RATE / 1000 / FRAME)))
 
     def push(self, samples: np.ndarray) -> list[SpeechEvent]:
+        """Hear more of the stream (16 kHz float32); the events it completes, in order."""
+        events: list[SpeechEvent] = []
+        for frame in self.frames(samples):
+            events += self.step(frame, float(self.vad(frame[None], [self.state])[0]))
+        return events
+
+    def frames(self, samples: np.ndarray) -> np.ndarray:
+        """The whole VAD frames the stream now holds, [count, FRAME]; the rest waits for more samples.
+
+        With ``step`` this lets a server get each frame's speech probability from a VAD batched across
+        streams (``self.state`` is this stream's recurrent state) instead of calling ``push``."""
         self._pending = np.concatenate([self._pending, np.asarray(samples, dtype=np.float32)])
         count = len(self._pending) // FRAME
         frames = self._pending[: count * FRAME].reshape(count, FRAME)
         self._pending = self._pending[count * FRAME:]
-        events: list[SpeechEvent] = []
-        for frame in frames:
-            probability = float(self.vad(frame[None], [self.state])[0])
-            events += self._step(frame, probability)
-        return events
+        return frames
 
     def flush(self) -> list[SpeechEvent]:
         """End of stream: close an utterance in progress."""
         return [self._end(truncated=False)] if self.speaking else []
 
-    def _step(self, frame: np.ndarray, probability: float) -> list[SpeechEvent]:
+    def step(self, frame: np.ndarray, probability: float) -> list[SpeechEvent]:
+        """Advance by one frame whose speech probability is known."""
         c = self.config
         self._frames_seen += 1
         events = []

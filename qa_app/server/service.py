@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,19 +21,20 @@ from qa_app.models.loading import ModelNotFoundError
 from qa_app.kb import KnowledgeBaseError, load_kb
 from qa_app.proto import npc_qa_pb2 as pb
 from qa_app.proto import npc_qa_pb2_grpc as pb_grpc
+from qa_app.runtime.batcher import DeadlinePassed, QueueFull
+from qa_app.runtime.pipeline import BatchedEngine
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NpcQA"].full_name  # "npcqa.v1.NpcQA"
 
 
-def answer_message(answer: Answer, request_id: str, debug: bool, queue_ms: float) -> pb.Answer:
+def answer_message(answer: Answer, request_id: str, debug: bool) -> pb.Answer:
     message = pb.Answer(
         id=answer.id or "", text=answer.answer or "", confidence=answer.confidence, rejected=answer.rejected,
         normalized_query=answer.normalized_query, npc=answer.npc, warnings=answer.warnings, request_id=request_id,
         entities=[pb.Entity(name=m.name, text=m.text, score=m.score, entry_ids=m.entry_ids)
                   for m in answer.entities])
     message.timings_ms.update(answer.timings_ms)
-    message.timings_ms["queue"] = queue_ms
     if debug:
         message.candidates.extend(pb.Candidate(id=c.id, question=c.question, recall_score=c.recall_score,
                                                answer_score=c.answer_score, ranker_logit=c.ranker_logit,
@@ -51,7 +53,7 @@ class ServerMetrics:
                                 ["method", "code"], registry=self.registry)
         self.stage_ms = Histogram("npcqa_stage_latency_ms", "Server-side time per pipeline stage (ms)",
                                   ["stage"], buckets=self.STAGE_BUCKETS_MS, registry=self.registry)
-        self.queue_depth = Gauge("npcqa_queue_depth", "Requests waiting for an engine worker",
+        self.queue_depth = Gauge("npcqa_queue_depth", "Requests in flight (admitted, not yet answered)",
                                  registry=self.registry)
 
     def serve_http(self, host: str, port: int) -> int:
@@ -60,18 +62,24 @@ class ServerMetrics:
 
 
 class NpcQAService(pb_grpc.NpcQAServicer):
-    """Answers typed questions with a shared engine; sheds load instead of queueing without bound."""
+    """Answers typed and spoken questions through one batched engine; sheds load instead of queueing
+    without bound."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine: QAEngine | None = None      # set once loaded; until then calls get UNAVAILABLE
-        self._executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="engine")
-        self._slots = asyncio.Semaphore(settings.workers)
+        self.pipeline: BatchedEngine | None = None
         # Decoding, resampling and voice activity of every Talk stream: off the event loop, beside the engine.
-        self._audio_executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="audio")
+        self._audio_executor = ThreadPoolExecutor(max_workers=settings.workers or None, thread_name_prefix="audio")
         self.voice_activity: VoiceActivity | None = None  # loaded with the engine
-        self._waiting = 0
+        self._in_flight = 0
         self.metrics = ServerMetrics()
+
+    def attach(self, engine: QAEngine, voice_activity: VoiceActivity) -> None:
+        """Serve this engine: its model stages get batchers whose metrics join the server's."""
+        self.voice_activity = voice_activity
+        self.pipeline = BatchedEngine(engine, self.settings, self.metrics.registry, voice_activity)
+        self.engine = engine
 
     async def _abort(self, context, code: grpc.StatusCode, message: str, request_id: str, method: str):
         log.info("request=%s %s: %s", request_id, code.name, message)
@@ -105,48 +113,44 @@ class NpcQAService(pb_grpc.NpcQAServicer):
         if request.npc not in self.engine.npcs:
             await self._abort(context, grpc.StatusCode.NOT_FOUND,
                               f"unknown NPC {request.npc!r}; known NPCs: {', '.join(self.engine.npcs)}", request_id, method)
-        answer, queue_ms = await self._in_worker(context, request_id, method, self.engine.ask, request.npc,
-                                                 request.text, request.top_k or None)
+        answer = await self._run(context, request_id, method,
+                                 lambda deadline: self.pipeline.ask(request.npc, request.text, request.top_k or None,
+                                                                    deadline))
         log.info("request=%s npc=%s player=%s id=%s confidence=%.3f rejected=%s total_ms=%.1f", request_id,
                  request.npc, request.player_id, answer.id, answer.confidence, answer.rejected,
                  answer.timings_ms.get("total", 0.0))
         self.metrics.requests.labels(method, "OK").inc()
-        self.metrics.stage_ms.labels("queue").observe(queue_ms)
         for stage, ms in answer.timings_ms.items():
             self.metrics.stage_ms.labels(stage).observe(ms)
-        return answer_message(answer, request_id, request.debug, queue_ms)
+        return answer_message(answer, request_id, request.debug)
 
-    async def _in_worker(self, context, request_id: str, method: str, work, *args):
-        """Run one engine call on a worker: bounded queue, deadline check, engine errors as status codes.
+    async def _run(self, context, request_id: str, method: str,
+                   work: Callable[[float | None], Awaitable[Answer]]) -> Answer:
+        """One question through the batched pipeline: admission, deadline, errors as status codes.
 
-        Returns (result, ms spent waiting for a worker)."""
-        if self._waiting >= self.settings.max_queue:
+        work(deadline) runs the pipeline; deadline is the client's, as ``time.monotonic()``."""
+        if self._in_flight >= self.settings.max_queue:
             await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"server busy ({self._waiting} requests waiting); retry after a short back-off",
+                              f"server busy ({self._in_flight} requests in flight); retry after a short back-off",
                               request_id, method)
-        queued = time.perf_counter()
-        self._waiting += 1
-        self.metrics.queue_depth.set(self._waiting)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        self._in_flight += 1
+        self.metrics.queue_depth.set(self._in_flight)
         try:
-            await self._slots.acquire()  # a cancelled client leaves the queue here, counted out below
-        finally:
-            self._waiting -= 1
-            self.metrics.queue_depth.set(self._waiting)
-        try:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                # The client has given up: drop the work rather than spend a worker on it.
-                await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  "deadline passed while waiting for a worker", request_id, method)
-            queue_ms = (time.perf_counter() - queued) * 1000
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+            return await work(deadline)
         except (QueryError, AudioError) as err:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err), request_id, method)
         except UnknownNpcError as err:  # removed by a reload after the check above
             await self._abort(context, grpc.StatusCode.NOT_FOUND, str(err), request_id, method)
+        except QueueFull as err:
+            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"server busy: {err}; retry after a short back-off", request_id, method)
+        except DeadlinePassed as err:  # the client has given up: its work was dropped before the model
+            await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, str(err), request_id, method)
         finally:
-            self._slots.release()
-        return result, queue_ms
+            self._in_flight -= 1
+            self.metrics.queue_depth.set(self._in_flight)
 
     async def Ask(self, request, context):
         return await self._answer(request, context)
@@ -197,16 +201,15 @@ class NpcQAService(pb_grpc.NpcQAServicer):
         if problem:
             await self._abort(context, *problem, request_id, method)
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, lambda: self.engine.speech)
+            await asyncio.get_running_loop().run_in_executor(self._audio_executor, lambda: self.engine.speech)
         except (SpeechUnavailableError, ModelNotFoundError) as err:
             await self._abort(context, grpc.StatusCode.UNIMPLEMENTED, f"this server has no speech model: {err}",
                               request_id, method)
         endpointer = Endpointer(self.voice_activity, EndpointConfig(max_utterance_s=self.settings.max_utterance_s))
         loop = asyncio.get_running_loop()
 
-        def hear(chunk: bytes):
-            samples = resample_to_16k(decode_pcm(chunk, encoding), config.sample_rate)
-            return endpointer.push(samples)
+        def decode(chunk: bytes):
+            return resample_to_16k(decode_pcm(chunk, encoding), config.sample_rate)
 
         async for message in request_iterator:
             if message.WhichOneof("message") != "audio":
@@ -214,9 +217,14 @@ class NpcQAService(pb_grpc.NpcQAServicer):
                                   "only the first Talk message may be a TalkConfig; send audio chunks after it",
                                   request_id, method)
             try:
-                events = await loop.run_in_executor(self._audio_executor, hear, message.audio)
+                samples = await loop.run_in_executor(self._audio_executor, decode, message.audio)
             except AudioError as err:
                 await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(err), request_id, method)
+            try:
+                events = await self.pipeline.hear(endpointer, samples)
+            except QueueFull as err:
+                await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"server busy: {err}; retry after a short back-off", request_id, method)
             for event in events:
                 async for out in self._speech_events(event, config, context, request_id):
                     yield out
@@ -233,14 +241,15 @@ class NpcQAService(pb_grpc.NpcQAServicer):
         yield pb.TalkEvent(speech_ended=pb.SpeechEnded(at_seconds=event.time_s, duration_seconds=duration))
         if utterance is None:  # a click or a cough: too short to be a question
             return
-        answer, queue_ms = await self._in_worker(context, request_id, "Talk", self.engine.ask_speech, config.npc,
-                                                 utterance.samples)
+        answer = await self._run(context, request_id, "Talk",
+                                 lambda deadline: self.pipeline.ask_speech(config.npc, utterance.samples,
+                                                                           deadline=deadline))
         log.info("request=%s npc=%s player=%s heard=%r id=%s confidence=%.3f rejected=%s total_ms=%.1f",
                  request_id, config.npc, config.player_id, answer.query, answer.id, answer.confidence,
                  answer.rejected, answer.timings_ms.get("total", 0.0))
         for stage, ms in answer.timings_ms.items():
             self.metrics.stage_ms.labels(stage).observe(ms)
-        yield pb.TalkEvent(answer=answer_message(answer, request_id, False, queue_ms))
+        yield pb.TalkEvent(answer=answer_message(answer, request_id, False))
 
     async def ListNpcs(self, request, context):
         if self.engine is None:
@@ -265,7 +274,7 @@ class NpcQAService(pb_grpc.NpcQAServicer):
         except KnowledgeBaseError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"knowledge base rejected, old one kept: {err}")
         # Indexing runs on a worker thread; the swap itself is atomic, so in-flight asks finish on the old index.
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.reload, kb)
+        await asyncio.get_running_loop().run_in_executor(self.pipeline.cpu, self.engine.reload, kb)
         log.info("reloaded NPC %s from %s (%d entries)", kb.npc, path, len(kb))
         return pb.ReloadResponse(npc=self._npc_info(kb.npc), build_ms=(time.perf_counter() - began) * 1000)
 
@@ -353,8 +362,8 @@ class NpcServer:
         loop = asyncio.get_running_loop()
         if engine is None:
             engine = await loop.run_in_executor(None, lambda: QAEngine(settings=self.settings))
-        self.service.voice_activity = await loop.run_in_executor(None, VoiceActivity)
-        self.service.engine = engine
+        voice_activity = await loop.run_in_executor(None, VoiceActivity)
+        self.service.attach(engine, voice_activity)
         await self._set_serving(True)
         log.info("serving NPCs: %s", ", ".join(engine.npcs))
 
@@ -362,7 +371,8 @@ class NpcServer:
         """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish within the grace period."""
         await self._set_serving(False)
         await self.server.stop(self.settings.shutdown_grace_s if grace is None else grace)
-        self.service._executor.shutdown(wait=False, cancel_futures=True)
+        if self.service.pipeline is not None:
+            self.service.pipeline.close()
         self.service._audio_executor.shutdown(wait=False, cancel_futures=True)
 
     async def wait(self) -> None:

@@ -1,0 +1,1 @@
+"""Serving runtime: dynamic batching of many players' requests onto shared model stages."""
