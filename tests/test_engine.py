@@ -109,3 +109,16 @@ def test_speech_in_asr_mode_answers_whisper_transcripts_through_the_text_path():
     typed = engine.ask_batch("innkeeper", [a.query for a in answers])
     assert [a.candidates[0].id for a in answers] == [t.candidates[0].id for t in typed]
     assert engine.speech_threshold == engine.threshold
+
+    # The server's batched pipeline takes the same path: whisper's transcript, embedded by the text encoder.
+    import asyncio
+
+    from qa_app.runtime.pipeline import BatchedEngine
+
+    pipeline = BatchedEngine(engine)
+    try:
+        batched = asyncio.run(pipeline.ask_speech("innkeeper", read_audio_file(lines[0]["audio"])))
+    finally:
+        pipeline.close()
+    assert batched.query == answers[0].query and batched.id == answers[0].id
+    assert {"speech", "embed", "rank"} <= set(batched.timings_ms)

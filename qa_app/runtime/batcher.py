@@ -112,8 +112,6 @@ class Batcher(Generic[Item, Result]):
         self._pending: list[_Request] = []
         self._wake = threading.Condition()
         self._closed = False
-        self.busy_s = 0.0                 # model time, for the busy fraction
-        self.started = time.monotonic()
         self._thread = threading.Thread(target=self._serve, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -148,10 +146,6 @@ class Batcher(Generic[Item, Result]):
         result = await asyncio.wrap_future(request.future)
         return result, (request.started - request.enqueued) * 1000, (request.finished - request.started) * 1000
 
-    def busy_fraction(self) -> float:
-        """Share of wall time since start that the model spent on batches."""
-        return self.busy_s / max(time.monotonic() - self.started, 1e-9)
-
     def close(self) -> None:
         """Stop taking requests; waiting ones are cancelled; the thread ends after its current batch."""
         with self._wake:
@@ -178,10 +172,9 @@ class Batcher(Generic[Item, Result]):
                 return None
             # Wait for company until the oldest request has waited its delay, or a full batch is here.
             due = self._pending[0].enqueued + policy.max_queue_delay_s
-            while (not self._closed and len(self._pending) < policy.max_batch_size
-                   and padded_cost([r.cost for r in self._pending]) < policy.max_batch_cost):
+            while not self._closed and len(self._pending) < policy.max_batch_size:
                 left = due - time.monotonic()
-                if left <= 0:
+                if left <= 0 or padded_cost([r.cost for r in self._pending]) >= policy.max_batch_cost:
                     break
                 self._wake.wait(left)
             if self._closed:
@@ -191,15 +184,21 @@ class Batcher(Generic[Item, Result]):
             return batch
 
     def _take(self) -> list[_Request]:
-        """The oldest request and the waiting ones nearest it in length, within size and cost budget."""
+        """The oldest request and the waiting ones nearest it in length, within size and cost budget.
+
+        Only the oldest few batches' worth of requests are considered: this runs on the model's thread for
+        every batch, and sorting a long queue there would delay the model."""
+        policy = self.policy
         oldest = self._pending[0]
-        chosen = [oldest]
-        others = sorted(self._pending[1:], key=lambda r: abs(r.cost.length - oldest.cost.length))
-        for request in others:
-            if len(chosen) >= self.policy.max_batch_size:
+        window = self._pending[1: 1 + 4 * policy.max_batch_size]
+        chosen, rows, longest = [oldest], oldest.cost.rows, oldest.cost.length
+        for request in sorted(window, key=lambda r: abs(r.cost.length - oldest.cost.length)):
+            if len(chosen) >= policy.max_batch_size:
                 break
-            if padded_cost([r.cost for r in chosen] + [request.cost]) <= self.policy.max_batch_cost:
+            grown_rows, grown_longest = rows + request.cost.rows, max(longest, request.cost.length)
+            if grown_rows * grown_longest <= policy.max_batch_cost:
                 chosen.append(request)
+                rows, longest = grown_rows, grown_longest
         taken = {id(r) for r in chosen}
         self._pending = [r for r in self._pending if id(r) not in taken]
         return chosen
@@ -242,7 +241,6 @@ class Batcher(Generic[Item, Result]):
             elapsed = time.perf_counter() - began
             for request in live:
                 request.finished = request.started + elapsed
-            self.busy_s += elapsed
             self.metrics.busy_seconds.labels(self.name).inc(elapsed)
         for request, result in zip(live, results):
             request.future.set_result(result)

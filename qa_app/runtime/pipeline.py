@@ -48,7 +48,7 @@ class BatchedEngine:
                                       thread_name_prefix="cpu-stage")
         delay = settings.max_queue_delay_ms / 1000
         size, tokens = DEFAULT_BATCH["cuda" if engine.encoder.device.type == "cuda" else "cpu"]
-        self.max_batch_size = size = settings.max_batch_size or size
+        size = settings.max_batch_size or size
         tokens = settings.max_batch_tokens or tokens
         text_policy = BatchPolicy(size, delay, tokens, settings.max_queue)
         # CUDA graphs for small batches are captured now, not under the first players.
@@ -94,7 +94,7 @@ class BatchedEngine:
     async def ask(self, npc: str, text: str, top_k: int | None = None, deadline: float | None = None) -> Answer:
         """One typed question. deadline: ``time.monotonic()`` after which model stages drop it unrun."""
         total = time.perf_counter()
-        reading, tokens = await self._cpu(self._read, npc, text)
+        reading, tokens = await self._cpu(self._read, self.engine.read, npc, text, True)
         stage_ms: dict[str, float] = {}
         candidates = []
         if reading.spelled:
@@ -117,21 +117,22 @@ class BatchedEngine:
         speech = await self._speech_stage()
         stage_ms: dict[str, float] = {}
         vector, transcript = await self._stage(speech, samples, deadline, stage_ms)
-        reading = await self._cpu(self.engine.read_transcript, npc, transcript)
+        asr = self.engine.speech.transcriber is not None  # asr mode: the text path answers the transcript
+        reading, tokens = await self._cpu(self._read, self.engine.read_transcript, npc, transcript, asr)
         candidates = []
-        if self.engine.speech.transcriber is not None:  # asr mode: the text path answers the transcript
-            if reading.spelled:
-                tokens = self.engine.encoder.tokenize([reading.spelled])[0]
-                vector = await self._stage(self.embed, tokens, deadline, stage_ms)
-                candidates = await self._rank(reading, vector, deadline, stage_ms, spoken=True)
-        else:
+        if asr and reading.spelled:
+            vector = await self._stage(self.embed, tokens, deadline, stage_ms)
+        if vector is not None:  # asr mode with nothing understood has no vector: refused
             candidates = await self._rank(reading, vector, deadline, stage_ms, spoken=True)
         return self._decide(reading, candidates, True, top_k, stage_ms, total)
 
-    def _read(self, npc: str, text: str) -> tuple[Reading, list[int]]:
-        reading = self.engine.read(npc, text)
+    def _read(self, read, npc: str, text: str, tokenize: bool) -> tuple[Reading, list[int]]:
+        """``read`` (typed text or a transcript), and the text encoder's tokens when it will embed it."""
+        reading = read(npc, text)
+        if not (tokenize and reading.spelled):
+            return reading, []
         start = time.perf_counter()
-        tokens = self.engine.encoder.tokenize([reading.spelled])[0] if reading.spelled else []
+        tokens = self.engine.encoder.tokenize([reading.spelled])[0]
         reading.timings_ms["tokenize"] = _ms(start)
         return reading, tokens
 

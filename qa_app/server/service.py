@@ -69,7 +69,8 @@ class NpcQAService(pb_grpc.NpcQAServicer):
         self.settings = settings
         self.engine: QAEngine | None = None      # set once loaded; until then calls get UNAVAILABLE
         self.pipeline: BatchedEngine | None = None
-        # Decoding, resampling and voice activity of every Talk stream: off the event loop, beside the engine.
+        # Decoding and resampling of every Talk stream's chunks: off the event loop (voice activity is batched
+        # across streams by the pipeline).
         self._audio_executor = ThreadPoolExecutor(max_workers=settings.workers or None, thread_name_prefix="audio")
         self.voice_activity: VoiceActivity | None = None  # loaded with the engine
         self._in_flight = 0
