@@ -22,6 +22,7 @@ class Settings:
     max_query_chars: int = 500           # longer text is truncated with a warning
     spelling: bool = True
     cuda_graphs: bool = True             # on CUDA, replay the text models from CUDA graphs per shape bucket
+    fast_kernels: bool = True            # on CUDA, run the models on the FP16 Triton kernels (padding-free)
     cpu_int8: bool = True                # on CPU, run the ranker with dynamic INT8 Linear layers (~4x faster)
     speech_mode: str = "vectoriser"      # vectoriser (wav2vec2 straight into the text space) | asr (whisper + text path)
     speech_encoder: str | None = "speech-encoder"  # wav2vec2 vectoriser for spoken questions; loaded on first use

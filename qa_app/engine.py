@@ -112,7 +112,7 @@ class SpeechPath:
 
         if not settings.speech_encoder:
             raise SpeechUnavailableError("no speech encoder is configured (QA_SPEECH_ENCODER)")
-        encoder = SpeechEncoder(settings.speech_encoder, settings.device)
+        encoder = SpeechEncoder(settings.speech_encoder, settings.device, fast_kernels=settings.fast_kernels)
         if encoder.text_encoder and Path(encoder.text_encoder).name != Path(settings.text_encoder).name:
             log.warning("speech encoder %s was trained for text encoder %s, not %s: answers will suffer",
                         settings.speech_encoder, encoder.text_encoder, settings.text_encoder)
@@ -231,10 +231,11 @@ class QAEngine:
         self.settings = settings or Settings()
         if kbs is None:
             kbs = load_kb_dir(kb_dir or self.settings.kb_dir)
-        graphs = self.settings.cuda_graphs
-        self.encoder = TextEncoder(self.settings.text_encoder, self.settings.device, cuda_graphs=graphs)
+        graphs, fast = self.settings.cuda_graphs, self.settings.fast_kernels
+        self.encoder = TextEncoder(self.settings.text_encoder, self.settings.device, cuda_graphs=graphs,
+                                   fast_kernels=fast)
         self.ranker = (Ranker(self.settings.ranker, self.settings.device, cpu_int8=self.settings.cpu_int8,
-                              cuda_graphs=graphs)
+                              cuda_graphs=graphs, fast_kernels=fast)
                        if self.settings.ranker else None)
         self.rejector: Rejector | None = None
         self.fusion: Fusion | None = None

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from qa_app.models.cuda_graphs import GraphedForward
+from qa_app.models.fast_encoders import FastBert, pack_token_rows
 from qa_app.models.loading import pad_encodings, pick_device, quantize_for_cpu, resolve_model
 
 DEFAULT_RANKER = "ranker"
@@ -20,7 +21,8 @@ DEFAULT_RANKER = "ranker"
 
 class Ranker:
     def __init__(self, model: str = DEFAULT_RANKER, device: str = "auto", max_length: int = 64,
-                 cpu_int8: bool = False, cuda_graphs: bool = False) -> None:
+                 cpu_int8: bool = False, cuda_graphs: bool = False, fast_kernels: bool = True) -> None:
+        """On a CUDA device, fast_kernels runs the FP16 Triton encoder over packed pairs (see TextEncoder)."""
         source = resolve_model(model)
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
@@ -35,18 +37,28 @@ class Ranker:
             self.model = quantize_for_cpu(self.model)
         self.max_length = max_length
         self.source = source
-        self._forward = self._logits
+        self.fast = FastBert(self.model.bert) if fast_kernels and self.device.type == "cuda" else None
+        self._forward = self._logits_packed if self.fast else self._logits
         if cuda_graphs and self.device.type == "cuda":
-            self._forward = GraphedForward(self._logits, self.device, f"ranker {model}")
+            self._forward = GraphedForward(self._forward, self.device, f"ranker {model}",
+                                           packed_max_len=self.model.config.max_position_embeddings if self.fast else None)
 
     def _logits(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, token_type_ids=token_type_ids,
                           attention_mask=attention_mask).logits[:, 0].float()
 
+    def _logits_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                       seq_start: torch.Tensor, seq_len: torch.Tensor, max_len: int) -> torch.Tensor:
+        hidden = self.fast(input_ids, position_ids, seq_start, seq_len, max_len, token_type_ids=token_type_ids)
+        pooled = self.model.bert.pooler(hidden[seq_start].unsqueeze(1))  # each pair's [CLS] token
+        return self.model.classifier(pooled)[:, 0].float()
+
     def warm_up(self) -> None:
         """Capture the CUDA graphs of small batches before serving."""
         if isinstance(self._forward, GraphedForward):
-            self._forward.warm_up(["input_ids", "token_type_ids", "attention_mask"])
+            keys = (["input_ids", "position_ids", "token_type_ids", "seq_start", "seq_len"] if self.fast
+                    else ["input_ids", "token_type_ids", "attention_mask"])
+            self._forward.warm_up(keys)
 
     def tokenize(self, queries: list[str], passages: list[str]) -> list[dict[str, list[int]]]:
         """One encoding (input_ids, token_type_ids) per (query, passage) pair, unpadded: the CPU half of
@@ -66,6 +78,9 @@ class Ranker:
         """One forward pass over tokenised pairs: one logit each, float32 [len(pairs)]."""
         if not pairs:
             return np.zeros(0, dtype=np.float32)
+        if self.fast:
+            batch = pack_token_rows(pairs, self.device)
+            return self._forward(max_len=max(len(p["input_ids"]) for p in pairs), **batch).cpu().numpy()
         batch = pad_encodings(pairs, self.tokenizer.pad_token_id, self.device)
         return self._forward(**batch).cpu().numpy()
 

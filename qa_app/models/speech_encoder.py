@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
+from qa_app.models.fast_encoders import FastWav2Vec2
 from qa_app.models.loading import ModelNotFoundError, pick_device, resolve_model
 
 SAMPLE_RATE = 16_000
@@ -78,7 +79,10 @@ class SpeechVectoriser(nn.Module):
         frame mask [batch, frames]).
         """
         hidden = self.wav2vec2(samples, attention_mask=attention_mask).last_hidden_state  # [batch, frames, hidden]
-        mask = self.frame_mask(attention_mask, hidden.shape[1])
+        return self.head(hidden, self.frame_mask(attention_mask, hidden.shape[1]))
+
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor):
+        """Pooling, projection and CTC over encoder frames [batch, frames, hidden] with a 0/1 frame mask."""
         scores = self.pool_score(hidden).squeeze(-1).float().masked_fill(~mask, float("-inf"))
         weights = scores.softmax(-1).to(hidden.dtype)                                         # [batch, frames]
         pooled = torch.einsum("bf,bfh->bh", weights, hidden)
@@ -152,12 +156,16 @@ def normalize_waveform(wave: np.ndarray) -> np.ndarray:
 class SpeechEncoder:
     """Batched inference: 16 kHz utterances in, unit vectors in the text space (and transcripts) out."""
 
-    def __init__(self, model: str = DEFAULT_SPEECH_ENCODER, device: str = "auto", head: str | None = None) -> None:
+    def __init__(self, model: str = DEFAULT_SPEECH_ENCODER, device: str = "auto", head: str | None = None,
+                 fast_kernels: bool = True) -> None:
+        """On a CUDA device, fast_kernels runs wav2vec2 on the FP16 Triton kernels over packed utterances (no
+        padding anywhere; the transformers model stays the reference)."""
         self.device = pick_device(device)
         self.source = resolve_model(model)
         self.model = SpeechVectoriser.load(model, head).eval().to(self.device)
         if self.device.type == "cuda":
             self.model.half()
+        self.fast = FastWav2Vec2(self.model.wav2vec2) if fast_kernels and self.device.type == "cuda" else None
         self.dim = self.model.head_config.text_dim
         self.text_encoder = self.model.head_config.text_encoder
         self.name = str(model)
@@ -177,9 +185,22 @@ class SpeechEncoder:
         dtype = next(self.model.parameters()).dtype
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            samples, mask = pad_batch([normalize_waveform(waves[i]) for i in chunk], self.device)
-            embeddings, logits, frames = self.model(samples.to(dtype), mask)
+            normalized = [normalize_waveform(waves[i]) for i in chunk]
+            if self.fast:
+                embeddings, logits, frames = self._encode_packed(normalized)
+            else:
+                samples, mask = pad_batch(normalized, self.device)
+                embeddings, logits, frames = self.model(samples.to(dtype), mask)
             out[chunk] = embeddings.float().cpu().numpy()
             for i, text in zip(chunk, ctc_greedy(logits.float(), frames, self.model.head_config.alphabet)):
                 texts[i] = text
         return out, texts
+
+    def _encode_packed(self, waves: list[np.ndarray]):
+        samples = torch.from_numpy(np.concatenate(waves)).to(self.device, non_blocking=True)
+        hidden, packed = self.fast(samples, [len(w) for w in waves])  # [frames of all utterances, hidden]
+        lengths = torch.tensor(packed.lengths, device=self.device)
+        mask = torch.arange(max(packed.lengths), device=self.device)[None, :] < lengths[:, None]
+        frames = hidden.new_zeros(len(waves), mask.shape[1], hidden.shape[1])
+        frames[mask] = hidden  # row-major order of the mask is the packing order
+        return self.model.head(frames, mask)
