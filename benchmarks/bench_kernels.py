@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_timing import H100_FP16_GEMM_TFLOPS, cuda_ms, machine, table  # noqa: E402
 
 from qa_app.kernels.attention import attention
-from qa_app.kernels.bias_act import bias_act, bias_act_reference
+from qa_app.kernels.bias_act import bias_act
 from qa_app.kernels.conv_gelu import PER_CHANNEL, InputNorm, Packed, conv1d, pack_conv_weight
-from qa_app.kernels.embeddings import embeddings, embeddings_reference
-from qa_app.kernels.layer_norm import layer_norm, layer_norm_reference
-from qa_app.kernels.linear import linear, linear_reference
+from qa_app.kernels.embeddings import embeddings
+from qa_app.kernels.layer_norm import layer_norm
+from qa_app.kernels.linear import linear
 
 DEV = torch.device("cuda")
 ROWS: list[list] = []
@@ -41,6 +41,17 @@ def bench(name: str, shape: str, reference, ours, args32: tuple, args16: tuple, 
         ceiling = f"{flops / (ms / 1000) / 1e12 / H100_FP16_GEMM_TFLOPS:.1%}" if flops else ""
         ROWS.append([name, shape, variant, f"{ms * 1000:.1f} us", f"{times['eager fp16'] / ms:.2f}x", ceiling])
         print(ROWS[-1], flush=True)
+
+
+def torch_linear(x, w, b, gelu, residual):
+    """What transformers runs, in the inputs' dtype (the kernels' *_reference functions compute in fp32)."""
+    y = F.linear(x, w, b)
+    y = F.gelu(y) if gelu else y
+    return y + residual if residual is not None else y
+
+
+def torch_embeddings(ids, positions, types, word, position, token_type, w, b, eps):
+    return F.layer_norm(word[ids] + position[positions] + token_type[types], (word.shape[1],), w, b, eps)
 
 
 def three_projections(x, wq, wk, wv, bq, bk, bv):
@@ -76,7 +87,7 @@ def main() -> None:
         w, w16 = pair(n, k, scale=k ** -0.5)
         b, b16 = pair(n)
         r, r16 = pair(m, n)
-        bench(f"linear: {label}", f"{m}x{k} -> {n}", lambda x, w, b, r: linear_reference(x, w, b, gelu, r if res else None),
+        bench(f"linear: {label}", f"{m}x{k} -> {n}", lambda x, w, b, r: torch_linear(x, w, b, gelu, r if res else None),
               lambda x, w, b, r: linear(x, w, b, gelu, r if res else None), (x, w, b, r), (x16, w16, b16, r16), use_compile,
               flops=2 * m * k * n)
     x, x16 = pair(m, 384)
@@ -89,18 +100,18 @@ def main() -> None:
           (x16, *[w[1] for w in ws], *[b[1] for b in bs]), use_compile, flops=2 * m * 384 * 1152)
     y, y16 = pair(m, 1536)
     b, b16 = pair(1536)
-    bench("bias + GELU + residual", f"{m}x1536", lambda y, b: bias_act_reference(y, b, True, y),
+    bench("bias + GELU + residual", f"{m}x1536", lambda y, b: F.gelu(y + b) + y,
           lambda y, b: bias_act(y, b, True, y), (y, b), (y16, b16), use_compile)
     r, r16 = pair(m, 384)
     lw, lw16 = pair(384)
     lb, lb16 = pair(384)
-    bench("residual + LayerNorm", f"{m}x384", lambda x, r, w, b: layer_norm_reference(x, w, b, 1e-12, r),
+    bench("residual + LayerNorm", f"{m}x384", lambda x, r, w, b: F.layer_norm(x + r, (384,), w, b, 1e-12),
           lambda x, r, w, b: layer_norm(x, w, b, 1e-12, r), (x, r, lw, lb), (x16, r16, lw16, lb16), use_compile)
     ids = torch.randint(0, 30522, (m,), device=DEV)
     pos = torch.arange(32, device=DEV).repeat(1024)
     types = torch.zeros(m, dtype=torch.long, device=DEV)
     tables = [pair(30522, 384), pair(512, 384), pair(2, 384)]
-    bench("embeddings (word+pos+type+LN)", f"{m} tokens x 384", embeddings_reference, embeddings,
+    bench("embeddings (word+pos+type+LN)", f"{m} tokens x 384", torch_embeddings, embeddings,
           (ids, pos, types, *[t[0] for t in tables], lw, lb, 1e-12), (ids, pos, types, *[t[1] for t in tables], lw16, lb16, 1e-12),
           use_compile)
     # attention at mixed lengths: padded SDPA (what transformers runs) vs packed

@@ -163,12 +163,36 @@ def bench_wav2vec2(use_compile: bool) -> None:
     add("wav2vec2-base feature encoder", "batch 32 x 2 s", "ms", times, 1, fe_flops)
 
 
+@torch.inference_mode()
+def profile(minilm) -> None:
+    """GPU time per kernel of our MiniLM-L6 at 1024 x 32 tokens and wav2vec2-base at 128 x 2 s."""
+    from torch.profiler import ProfilerActivity
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    fast = FastBert(bert_model(minilm).half())
+    batch = pack_token_rows([{"input_ids": list(range(1000, 1032))}] * 1024, DEV)
+    wav = FastWav2Vec2(Wav2Vec2Model(Wav2Vec2Config()).eval().to(DEV).half())
+    audio = torch.randn(128 * 32000, device=DEV)
+    for name, fn in (("MiniLM-L6 1024 x 32", lambda: fast(batch["input_ids"], batch["position_ids"], batch["seq_start"],
+                                                          batch["seq_len"], 32)),
+                     ("wav2vec2-base 128 x 2 s", lambda: wav(audio, [32000] * 128))):
+        fn()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        print(f"--- {name}: GPU time per kernel over 5 calls")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
 def main() -> None:
     from transformers import BertConfig
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--only", default="minilm,bert,wav2vec2")
+    parser.add_argument("--profile", action="store_true", help="also print where our kernels' time goes")
     args = parser.parse_args()
     use_compile = not args.skip_compile
     only = args.only.split(",")
@@ -182,6 +206,8 @@ def main() -> None:
         bench_bert("BERT-base", BertConfig(), [(256, [64] * 256)], use_compile)
     if "wav2vec2" in only:
         bench_wav2vec2(use_compile)
+    if args.profile:
+        profile(minilm)
     print()
     print(machine())
     print(table(["model", "shape", "variant", "speed", "vs eager fp16", "of fp16 GEMM ceiling"], ROWS))

@@ -34,6 +34,9 @@ TILES = {
     "64x128x64w4s3": (64, 128, 64, 4, 3),
     "64x256x64w8s3": (64, 256, 64, 8, 3),
     "64x64x64w4s3": (64, 64, 64, 4, 3),
+    "128x128x64w8s4": (128, 128, 64, 8, 4),
+    "128x128x32w4s4": (128, 128, 32, 4, 4),
+    "64x64x16w4s3": (64, 64, 16, 4, 3),
 }
 
 
@@ -63,11 +66,21 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, tiles_ptr, in_start_p
     for k0 in range(0, K_TOTAL, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K_TOTAL
-        tap = ks // CG_IN
-        ci = group * CG_IN + ks % CG_IN
-        rows = first_row[:, None] + tap[None, :]
-        a_ok = t_ok[:, None] & k_ok[None, :] & (rows >= 0) & (rows < in_len)
-        a = tl.load(x_ptr + (in_start + rows) * stride_x + ci[None, :], mask=a_ok, other=0.0)
+        if CG_IN % BLOCK_K == 0:
+            # The block lies inside one tap: each row's slice is contiguous channels (vector loads), and
+            # row validity and row statistics are per row, not per element.
+            tap = k0 // CG_IN
+            ci = group * CG_IN + (k0 % CG_IN) + tl.arange(0, BLOCK_K)
+            rows = first_row + tap
+            row_ok = t_ok & (rows >= 0) & (rows < in_len)
+            a_ok = row_ok[:, None]
+            a = tl.load(x_ptr + ((in_start + rows) * stride_x)[:, None] + ci[None, :], mask=a_ok, other=0.0)
+        else:
+            tap = ks // CG_IN
+            ci = group * CG_IN + ks % CG_IN
+            rows2 = first_row[:, None] + tap[None, :]
+            a_ok = t_ok[:, None] & k_ok[None, :] & (rows2 >= 0) & (rows2 < in_len)
+            a = tl.load(x_ptr + (in_start + rows2) * stride_x + ci[None, :], mask=a_ok, other=0.0)
         if IN_NORM != 0 or IN_GELU:
             a = a.to(tl.float32)
             if IN_NORM == 1:  # GroupNorm with one group per channel: statistics over the utterance's rows
@@ -79,8 +92,12 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, tiles_ptr, in_start_p
                 beta = tl.load(in_beta_ptr + ci, mask=k_ok, other=0.0)
                 a = (a - mean[None, :]) * (rstd * gamma)[None, :] + beta[None, :]
             if IN_NORM == 2:  # LayerNorm over the channels of each input row
-                s = tl.load(in_stats_ptr + (in_start + rows) * 2, mask=a_ok, other=0.0)
-                ss = tl.load(in_stats_ptr + (in_start + rows) * 2 + 1, mask=a_ok, other=0.0)
+                if CG_IN % BLOCK_K == 0:
+                    s = tl.load(in_stats_ptr + (in_start + rows) * 2, mask=row_ok, other=0.0)[:, None]
+                    ss = tl.load(in_stats_ptr + (in_start + rows) * 2 + 1, mask=row_ok, other=0.0)[:, None]
+                else:
+                    s = tl.load(in_stats_ptr + (in_start + rows2) * 2, mask=a_ok, other=0.0)
+                    ss = tl.load(in_stats_ptr + (in_start + rows2) * 2 + 1, mask=a_ok, other=0.0)
                 mean = s / C_IN
                 rstd = 1.0 / tl.sqrt(tl.maximum(ss / C_IN - mean * mean, 0.0) + eps)
                 gamma = tl.load(in_gamma_ptr + ci, mask=k_ok, other=0.0)

@@ -5,6 +5,10 @@ matrices concatenated into one [3H, H] GEMM, so the activations are read once), 
 with its residual, and the feed-forward pair with bias + GELU and residual. Tile shapes are autotuned per
 card and shape class (``autotune.TILE_CACHE``); cuBLAS followed by the fused ``bias_act`` epilogue is one
 of the candidates, so a shape where cuBLAS's GEMM wins still gets it.
+
+Two Triton kernels: a pointer-based one (any GPU, the interpreter) and, on Hopper and newer, a persistent
+one (one program per SM walking the output tiles) whose tiles move by TMA (tensor descriptors): the copy
+engine does the address math and bounds, and the K loop is software-pipelined across its stages.
 """
 from __future__ import annotations
 
@@ -16,6 +20,11 @@ from qa_app.kernels import gelu
 from qa_app.kernels.autotune import TILE_CACHE, bench_ms, row_bucket
 from qa_app.kernels.bias_act import bias_act
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # an older Triton: pointer-based tiles only
+    TensorDescriptor = None
+
 # name -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); "cublas" -> torch.mm + bias_act
 TILES = {
     "128x128x64w8s3": (128, 128, 64, 8, 3),
@@ -25,6 +34,14 @@ TILES = {
     "64x64x64w4s3": (64, 64, 64, 4, 3),
     "32x64x64w4s3": (32, 64, 64, 4, 3),
     "16x64x128w4s3": (16, 64, 128, 4, 3),
+}
+# persistent TMA kernel, sm_90+: same fields
+TMA_TILES = {
+    "tma128x128x64w8s4": (128, 128, 64, 8, 4),
+    "tma128x256x64w8s3": (128, 256, 64, 8, 3),
+    "tma128x64x64w4s4": (128, 64, 64, 4, 4),
+    "tma64x128x64w4s4": (64, 128, 64, 4, 4),
+    "tma128x128x32w4s5": (128, 128, 32, 4, 5),
 }
 
 
@@ -67,12 +84,57 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, stride_x, 
              mask=mask)
 
 
+@triton.jit
+def _linear_tma_kernel(x_desc, w_desc, bias_ptr, res_desc, out_desc, M, N, K,
+                       HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                       NUM_SMS: tl.constexpr):
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS):
+        group = tile // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        group_rows = min(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % (GROUP_M * tiles_n)) % group_rows
+        pid_n = (tile % (GROUP_M * tiles_n)) // group_rows
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):  # out-of-bounds rows and columns load as zeros
+            acc = tl.dot(x_desc.load([off_m, k]), w_desc.load([off_n, k]).T, acc)
+        if HAS_BIAS:
+            cols = off_n + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if GELU:
+            acc = gelu(acc)
+        if HAS_RES:
+            acc += res_desc.load([off_m, off_n]).to(tl.float32)
+        out_desc.store([off_m, off_n], acc.to(out_desc.dtype))  # the copy engine clips at the edges
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _run(tile: str, x, weight, bias, gelu, residual, out):
     m, k = x.shape
     n = weight.shape[0]
     if tile == "cublas":
         torch.mm(x, weight.t(), out=out)
         return bias_act(out, bias, gelu, residual, out=out)
+    if tile in TMA_TILES:
+        block_m, block_n, block_k, warps, stages = TMA_TILES[tile]
+        sms = _sm_count(x.device)
+        descriptor = TensorDescriptor.from_tensor
+        x_desc, w_desc = descriptor(x, [block_m, block_k]), descriptor(weight, [block_n, block_k])
+        out_desc = descriptor(out, [block_m, block_n])
+        res_desc = descriptor(residual, [block_m, block_n]) if residual is not None else out_desc
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        _linear_tma_kernel[(min(sms, tiles),)](
+            x_desc, w_desc, bias if bias is not None else weight, res_desc, out_desc, m, n, k,
+            HAS_BIAS=bias is not None, GELU=gelu, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, GROUP_M=8, NUM_SMS=sms, num_warps=warps, num_stages=stages)
+        return out
     block_m, block_n, block_k, warps, stages = TILES[tile]
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     res = residual if residual is not None else out
@@ -84,25 +146,36 @@ def _run(tile: str, x, weight, bias, gelu, residual, out):
     return out
 
 
-def candidates(m: int, device: torch.device) -> list[str]:
+def tma_ready(*tensors: torch.Tensor | None) -> bool:
+    """TMA moves 16-byte aligned rows: aligned bases and row strides, contiguous rows."""
+    return TensorDescriptor is not None and all(
+        t is None or (t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(1) == 1)
+        for t in tensors)
+
+
+def candidates(m: int, device: torch.device, tma: bool) -> list[str]:
     """Tiles worth timing for ``m`` rows: none much taller than the problem; cuBLAS where it can run."""
     bucket = row_bucket(m)
     tiles = [name for name, t in TILES.items() if t[0] <= max(32, bucket)]
     if device.type == "cuda":
+        if tma and torch.cuda.get_device_capability(device)[0] >= 9 and bucket >= 512:
+            tiles += list(TMA_TILES)
         tiles.append("cublas")
-    return sorted(tiles, key=lambda name: -TILES.get(name, (0,))[0])
+    return tiles
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (rows contiguous), weight [N, K] as in ``nn.Linear``, bias [N], residual [M, N] -> [M, N]."""
+    """x [M, K] (rows contiguous), weight [N, K] as in ``nn.Linear``, bias [N], residual [M, N] -> [M, N].
+    TMA tiles need 16-byte aligned rows: K and N multiples of 8 in fp16 (every encoder here)."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    shape = (n, k, row_bucket(m), bias is not None, gelu, residual is not None, str(x.dtype))
-    tile = TILE_CACHE.choose("linear", shape, candidates(m, x.device),
+    tma = tma_ready(x, weight, residual, out)
+    shape = (n, k, row_bucket(m), bias is not None, gelu, residual is not None, str(x.dtype), tma)
+    tile = TILE_CACHE.choose("linear", shape, candidates(m, x.device, tma),
                              lambda t: bench_ms(lambda: _run(t, x, weight, bias, gelu, residual, out)), x.device)
     return _run(tile, x, weight, bias, gelu, residual, out)
 
