@@ -34,11 +34,16 @@ class TileCache:
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = Path(directory) if directory else DEFAULT_CACHE_DIR
         self._entries: dict[str, dict[str, str]] = {}
+        self._chosen: dict[tuple, str] = {}  # the hot path: one dict lookup per kernel call
+        self._paths: dict[int, Path] = {}
         self._lock = threading.Lock()
 
     def path(self, device: torch.device) -> Path:
-        card = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
-        return self.directory / f"{card}-triton{triton.__version__}.json"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._paths:
+            card = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(index)).strip("-")
+            self._paths[index] = self.directory / f"{card}-triton{triton.__version__}.json"
+        return self._paths[index]
 
     def _load(self, path: Path) -> dict[str, str]:
         key = str(path)
@@ -54,11 +59,15 @@ class TileCache:
         """The fastest of ``candidates`` (names) for this shape class on this card, timing them if unknown."""
         if device.type != "cuda":
             return candidates[0]  # the interpreter (tests): any valid tile will do
+        chosen = self._chosen.get((device.index, kernel, shape))
+        if chosen is not None:
+            return chosen
         path = self.path(device)
         key = f"{kernel}|{shape}"
         with self._lock:
             entries = self._load(path)
             if entries.get(key) in candidates:
+                self._chosen[(device.index, kernel, shape)] = entries[key]
                 return entries[key]
             if torch.cuda.is_current_stream_capturing():
                 return candidates[0]  # cannot time inside a CUDA-graph capture; warm-up tunes first
@@ -72,6 +81,7 @@ class TileCache:
                 raise RuntimeError(f"{kernel}: no candidate ran for shape {shape}")
             best = min(timings, key=timings.get)
             entries[key] = best
+            self._chosen[(device.index, kernel, shape)] = best
             log.info("%s %s: %s (%.4f ms)", kernel, shape, best, timings[best])
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ engine does the address math and bounds, and the K loop is software-pipelined ac
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -110,6 +112,7 @@ def _linear_tma_kernel(x_desc, w_desc, bias_ptr, res_desc, out_desc, M, N, K,
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))  # the copy engine clips at the edges
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -119,9 +122,12 @@ def _sm_count(device: torch.device) -> int:
 def _run(tile: str, x, weight, bias, gelu, residual, out):
     m, k = x.shape
     n = weight.shape[0]
-    if tile == "cublas":
-        torch.mm(x, weight.t(), out=out)
-        return bias_act(out, bias, gelu, residual, out=out)
+    if tile == "cublas":  # cuBLASLt adds the bias in its epilogue; GELU and the residual need one more pass
+        if bias is not None:
+            torch.addmm(bias, x, weight.t(), out=out)
+        else:
+            torch.mm(x, weight.t(), out=out)
+        return bias_act(out, None, gelu, residual, out=out) if gelu or residual is not None else out
     if tile in TMA_TILES:
         block_m, block_n, block_k, warps, stages = TMA_TILES[tile]
         sms = _sm_count(x.device)
