@@ -5,8 +5,8 @@
    embeddings (text bi-encoder, speech vectoriser, random-weight BERT-base and wav2vec2-base), ranker
    logits within 1e-2 relative.
 3. The bundled eval sets: identical top-1 answers from the fast engine and from the fp32 reference engine
-   (typed queries; spoken ones where a spoken manifest is present), with the transformers fp16 engine's
-   count beside it for scale.
+   (the transformers models in fp32 on the same GPU; typed queries, and spoken ones where a spoken
+   manifest is present), with the transformers fp16 engine's count beside it for scale.
 
     python benchmarks/check_kernels.py [--skip-eval]
 """
@@ -200,9 +200,15 @@ def check_eval_top1() -> None:
     from qa_app.kb import load_queries
     from qa_app.models.loading import ASSETS_DIR
 
+    reference = dict(device="cuda", fast_kernels=False, cuda_graphs=False)
     engines = {"fast": QAEngine(settings=Settings.from_env(device="cuda")),
-               "hf-fp16": QAEngine(settings=Settings.from_env(device="cuda", fast_kernels=False, cuda_graphs=False)),
-               "fp32": QAEngine(settings=Settings.from_env(device="cpu", cpu_int8=False))}
+               "hf-fp16": QAEngine(settings=Settings.from_env(**reference)),
+               "fp32": QAEngine(settings=Settings.from_env(**reference))}
+    fp32 = engines["fp32"]  # the transformers models in fp32, the KB indexes rebuilt with them
+    fp32.encoder.model.float()
+    fp32.ranker.model.float()
+    for npc in fp32.npcs:
+        fp32._npcs[npc] = fp32._build(fp32._npcs[npc].kb)
     for npc in ("quartermaster", "innkeeper"):
         queries = [q.query for q in load_queries(ASSETS_DIR / "eval" / f"{npc}.jsonl")]
         top = {}
@@ -218,6 +224,7 @@ def check_eval_top1() -> None:
                    differ, 0 if name == "fast" else 1e9)
     waves = speech_waves()
     if waves:
+        fp32.speech.encoder.model.float()
         top = {}
         for name, engine in engines.items():
             answers = [a for s in range(0, len(waves), 16) for a in engine.ask_speech_batch("innkeeper", waves[s:s + 16])]
