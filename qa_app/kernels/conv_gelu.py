@@ -42,12 +42,10 @@ TILES = {
 
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
-                 in_stats_ptr, in_gamma_ptr, in_beta_ptr, out_stats_ptr, out_len_ptr, out_gamma_ptr, out_beta_ptr,
-                 stride_x, stride_o, eps,
+                 in_stats_ptr, in_gamma_ptr, in_beta_ptr, out_stats_ptr, stride_x, stride_o, eps,
                  C_IN: tl.constexpr, C_OUT: tl.constexpr, CG_IN: tl.constexpr, CG_OUT: tl.constexpr, TAPS: tl.constexpr,
                  STRIDE: tl.constexpr, PAD: tl.constexpr, IN_NORM: tl.constexpr, IN_GELU: tl.constexpr,
-                 OUT_STATS: tl.constexpr, OUT_NORM: tl.constexpr, STORE: tl.constexpr, OUT_GELU: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                 OUT_STATS: tl.constexpr, OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tile, pid_n, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq = tl.load(tiles_ptr + tile * 3)
@@ -123,19 +121,8 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, tiles_ptr, in_start_p
         kept = tl.where(mask, acc, 0.0)
         tl.atomic_add(out_stats_ptr + (out_start + ts) * 2, tl.sum(kept, axis=1), mask=t_ok)
         tl.atomic_add(out_stats_ptr + (out_start + ts) * 2 + 1, tl.sum(kept * kept, axis=1), mask=t_ok)
-    if OUT_NORM == 1:  # GroupNorm, one group per channel, from a statistics pass over the same layer
-        out_len = tl.load(out_len_ptr + seq).to(tl.float32)
-        s = tl.load(out_stats_ptr + (seq * C_OUT + co) * 2, mask=n_ok, other=0.0)
-        ss = tl.load(out_stats_ptr + (seq * C_OUT + co) * 2 + 1, mask=n_ok, other=0.0)
-        mean = s / out_len
-        rstd = 1.0 / tl.sqrt(tl.maximum(ss / out_len - mean * mean, 0.0) + eps)
-        gamma = tl.load(out_gamma_ptr + co, mask=n_ok, other=0.0)
-        beta = tl.load(out_beta_ptr + co, mask=n_ok, other=0.0)
-        acc = (acc - mean[None, :]) * (rstd * gamma)[None, :] + beta[None, :]
     if OUT_GELU:
         acc = gelu(acc)
-    if not STORE:
-        return
     offsets = (out_start + ts)[:, None] * stride_o + co[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -183,17 +170,14 @@ def _tile_table(out_lengths: list[int], block_m: int, device) -> torch.Tensor:
 
 def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Tensor | None, taps: int,
            stride: int, pad: int = 0, groups: int = 1, in_norm: InputNorm | None = None, in_gelu: bool = False,
-           out_stats: int = NONE, out_norm: InputNorm | None = None, out_gelu: bool = False,
-           residual: torch.Tensor | None = None, out_lengths: list[int] | None = None, store: bool = True):
+           out_stats: int = NONE, out_gelu: bool = False, residual: torch.Tensor | None = None,
+           out_lengths: list[int] | None = None):
     """One convolution layer over packed utterances.
 
     x: [packed.rows, C_in] channels-last; weight: ``pack_conv_weight`` of the Conv1d weight.
     Returns (out [sum(out_lengths), C_out], its Packed, statistics or None): statistics are fp32 sums and
     sums of squares, [utterances, C_out, 2] (PER_CHANNEL) or [rows, 2] (PER_ROW), for the next layer's
-    ``InputNorm``, or for ``out_norm`` (PER_CHANNEL only) of a second pass over this layer: wav2vec2-base's
-    first layer runs once with ``store=False`` for its GroupNorm statistics (its input is the raw audio and
-    its K is 10: recomputing it is nearly free) and once normalising and applying GELU in the epilogue, so
-    only the normalised activations the next layer reads are ever written.
+    ``InputNorm``.
     """
     c_in = x.shape[1]
     c_out = weight.shape[0]
@@ -201,15 +185,12 @@ def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Te
     out_packed = Packed(out_lengths)
     out = torch.empty(out_packed.rows, c_out, dtype=weight.dtype, device=x.device)
     device = x.device
-    seq_info = torch.tensor([packed.starts, packed.lengths, out_packed.starts, out_lengths],
-                            dtype=torch.int32).to(device)
+    seq_info = torch.tensor([packed.starts, packed.lengths, out_packed.starts], dtype=torch.int32).to(device)
 
     def run(tile: str, table: torch.Tensor) -> torch.Tensor | None:
         block_m, block_n, block_k, warps, stages = TILES[tile]
         stats = None
-        if out_norm is not None:
-            stats = out_norm.stats
-        elif out_stats == PER_CHANNEL:
+        if out_stats == PER_CHANNEL:
             stats = torch.zeros(len(out_lengths), c_out, 2, dtype=torch.float32, device=device)
         elif out_stats == PER_ROW:
             stats = torch.zeros(out_packed.rows, 2, dtype=torch.float32, device=device)
@@ -219,12 +200,9 @@ def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Te
             x, weight, bias if bias is not None else weight, residual if residual is not None else out, out, table,
             seq_info[0], seq_info[1], seq_info[2],
             norm.stats if norm else x, norm.weight if norm else x, norm.bias if norm else x,
-            stats if stats is not None else x, seq_info[3], out_norm.weight if out_norm else x,
-            out_norm.bias if out_norm else x, x.stride(0), out.stride(0),
-            (norm.eps if norm else out_norm.eps if out_norm else 0.0),
+            stats if stats is not None else x, x.stride(0), out.stride(0), norm.eps if norm else 0.0,
             C_IN=c_in, C_OUT=c_out, CG_IN=c_in // groups, CG_OUT=c_out // groups, TAPS=taps, STRIDE=stride, PAD=pad,
-            IN_NORM=norm.mode if norm else NONE, IN_GELU=in_gelu, OUT_STATS=NONE if out_norm else out_stats,
-            OUT_NORM=out_norm.mode if out_norm else NONE, STORE=store, OUT_GELU=out_gelu,
+            IN_NORM=norm.mode if norm else NONE, IN_GELU=in_gelu, OUT_STATS=out_stats, OUT_GELU=out_gelu,
             HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_K=block_k, num_warps=warps, num_stages=stages)
         return stats
@@ -233,7 +211,7 @@ def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Te
         return out, out_packed, None
     names = [n for n, t in TILES.items() if t[1] <= max(64, triton.next_power_of_2(c_out // groups))]
     shape = (c_in, c_out, taps, stride, pad, groups, row_bucket(out_packed.rows), in_norm.mode if in_norm else 0,
-             in_gelu, out_stats, out_norm is not None, out_gelu, residual is not None, store)
+             in_gelu, out_stats, out_gelu, residual is not None)
     tables: dict[int, torch.Tensor] = {}
 
     def table_for(tile: str) -> torch.Tensor:

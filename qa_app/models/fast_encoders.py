@@ -168,24 +168,22 @@ class FastWav2Vec2:
         x, packed = samples.to(self.dtype).reshape(-1, 1), Packed(list(lengths))
         stats, last = None, len(self.convs) - 1
         for i, conv in enumerate(self.convs):
-            args = (conv["weight"], conv["bias"], conv["taps"], conv["stride"])
-            if self.norm_mode == "group":  # GroupNorm on layer 0: a statistics pass, then normalise + GELU
-                if i == 0:
-                    w, b, eps = conv["norm"]
-                    stats = conv1d(x, packed, *args, out_stats=PER_CHANNEL, store=False)[2]
-                    x, packed, _ = conv1d(x, packed, *args, out_norm=InputNorm(PER_CHANNEL, stats, w, b, eps),
-                                          out_gelu=True)
-                else:
-                    x, packed, _ = conv1d(x, packed, *args, out_gelu=True)
-                continue
-            # LayerNorm on every layer: each layer's epilogue gathers per-row statistics; the next layer
-            # normalises and applies GELU while loading.
-            in_norm = None
-            if i > 0:
-                w, b, eps = self.convs[i - 1]["norm"]
-                in_norm = InputNorm(PER_ROW, stats, w, b, eps)
-            x, packed, stats = conv1d(x, packed, *args, in_norm=in_norm, in_gelu=i > 0,
-                                      out_stats=PER_ROW if i < last else conv_gelu.NONE)
+            # The producing layer's epilogue gathers normalisation statistics (GroupNorm: per utterance and
+            # channel, on layer 0 only; LayerNorm: per row, on every layer) and the next layer normalises and
+            # applies GELU while loading: no normalised copy is written.
+            in_norm, in_gelu = None, False
+            if self.norm_mode == "group":
+                if i == 1:
+                    w, b, eps = self.convs[0]["norm"]
+                    in_norm, in_gelu = InputNorm(PER_CHANNEL, stats, w, b, eps), True
+                out_stats, out_gelu = (PER_CHANNEL, False) if i == 0 else (conv_gelu.NONE, True)
+            else:
+                if i > 0:
+                    w, b, eps = self.convs[i - 1]["norm"]
+                    in_norm, in_gelu = InputNorm(PER_ROW, stats, w, b, eps), True
+                out_stats, out_gelu = (PER_ROW if i < last else conv_gelu.NONE), False
+            x, packed, stats = conv1d(x, packed, conv["weight"], conv["bias"], conv["taps"], conv["stride"],
+                                      in_norm=in_norm, in_gelu=in_gelu, out_stats=out_stats, out_gelu=out_gelu)
         if self.norm_mode == "layer":  # the last layer's own LayerNorm + GELU
             w, b, eps = self.convs[last]["norm"]
             x = layer_norm(x, w.to(self.dtype), b.to(self.dtype), eps, gelu=True)
