@@ -20,5 +20,16 @@ def gelu(x):
     return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
 
 
+@triton.jit
+def normalize_rows(x, mask, cols, w_ptr, b_ptr, N, eps):
+    """LayerNorm of each row of an fp32 [rows, BLOCK_N] tile whose valid entries are ``mask``."""
+    mean = tl.sum(x, axis=1) / N
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    return centred * rstd[:, None] * w[None, :] + b[None, :]
+
+
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))

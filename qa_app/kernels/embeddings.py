@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qa_app.kernels import next_power_of_2
+from qa_app.kernels import next_power_of_2, normalize_rows
 
 
 @triton.jit
@@ -24,12 +24,7 @@ def _embeddings_kernel(ids_ptr, types_ptr, positions_ptr, word_ptr, position_ptr
     else:
         types = tl.zeros([BLOCK_M], dtype=tl.int64)
     x += tl.load(type_ptr + types[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / N
-    centred = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    y = centred * rstd[:, None] * w[None, :] + b[None, :]
+    y = normalize_rows(x, mask, cols, w_ptr, b_ptr, N, eps)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qa_app.kernels import gelu, next_power_of_2
+from qa_app.kernels import gelu, next_power_of_2, normalize_rows
 
 
 @triton.jit
@@ -17,12 +17,7 @@ def _layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_x, st
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         x += tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / N
-    centred = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    y = centred * rstd[:, None] * w[None, :] + b[None, :]
+    y = normalize_rows(x, mask, cols, w_ptr, b_ptr, N, eps)
     if GELU:
         y = gelu(y)
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
