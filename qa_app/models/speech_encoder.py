@@ -182,21 +182,24 @@ class SpeechEncoder:
         out = np.zeros((len(waves), self.dim), dtype=np.float32)
         texts = [""] * len(waves)
         order = sorted(range(len(waves)), key=lambda i: len(waves[i]))  # similar lengths pad little
-        dtype = next(self.model.parameters()).dtype
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            normalized = [normalize_waveform(waves[i]) for i in chunk]
-            if self.fast:
-                embeddings, logits, frames = self._encode_packed(normalized)
-            else:
-                samples, mask = pad_batch(normalized, self.device)
-                embeddings, logits, frames = self.model(samples.to(dtype), mask)
+            embeddings, logits, frames = self.forward([normalize_waveform(waves[i]) for i in chunk])
             out[chunk] = embeddings.float().cpu().numpy()
             for i, text in zip(chunk, ctc_greedy(logits.float(), frames, self.model.head_config.alphabet)):
                 texts[i] = text
         return out, texts
 
-    def _encode_packed(self, waves: list[np.ndarray]):
+    @torch.inference_mode()
+    def forward(self, waves: list[np.ndarray]):
+        """The model alone on normalised waveforms: (embeddings [batch, dim], CTC logits [batch, frames,
+        classes], frame mask [batch, frames]) on the device; packed on the fast path, padded otherwise."""
+        if self.fast:
+            return self._forward_packed(waves)
+        samples, mask = pad_batch(waves, self.device)
+        return self.model(samples.to(next(self.model.parameters()).dtype), mask)
+
+    def _forward_packed(self, waves: list[np.ndarray]):
         samples = torch.from_numpy(np.concatenate(waves)).to(self.device, non_blocking=True)
         hidden, packed = self.fast(samples, [len(w) for w in waves])  # [frames of all utterances, hidden]
         lengths = torch.tensor(packed.lengths, device=self.device)
