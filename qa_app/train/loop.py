@@ -1,7 +1,13 @@
-"""What both trainers share: AdamW with linear warm-up and decay, and one clipped optimisation step."""
+"""What the trainers share: AdamW with linear warm-up and decay, one clipped optimisation step, and a step
+count fitted to a time budget."""
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def adamw_with_warmup(model: torch.nn.Module, learning_rate: float, total_steps: int, warmup_fraction: float):
@@ -19,3 +25,20 @@ def step(loss: torch.Tensor, model: torch.nn.Module, optimizer, scheduler) -> No
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     scheduler.step()
+
+
+def steps_within(one_step, device: torch.device, minutes: float, most: int) -> int:
+    """Time a few training passes (``one_step``: forward + backward, no update) and return how many steps fit
+    in ``minutes``, at most ``most``. The caller zeroes the gradients afterwards."""
+    for number in range(10):
+        if number == 3:  # the first passes pay for kernel selection and allocation
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            probe = time.time()
+        one_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    per_step = (time.time() - probe) / 7
+    steps = max(10, min(most, int(minutes * 60 / per_step)))
+    log.info("%.3f s per step: %d steps fit in %.1f minutes", per_step, steps, minutes)
+    return steps

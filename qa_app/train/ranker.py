@@ -68,6 +68,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def ranking_loss(logits: torch.Tensor, batch: list[Group], pointwise_weight: float) -> torch.Tensor:
+    """Pointwise BCE on every candidate plus listwise softmax CE over each answerable group (the right
+    entry as the target). logits: [candidates of the batch], in group order."""
+    labels = torch.tensor([l for g in batch for l in g.labels], dtype=torch.float32, device=logits.device)
+    pointwise = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    listwise, n_lists, offset = logits.new_zeros(()), 0, 0
+    for g in batch:
+        size = len(g.passages)
+        if 1 in g.labels:
+            listwise = listwise + torch.nn.functional.cross_entropy(
+                logits[offset:offset + size].unsqueeze(0), torch.tensor([g.labels.index(1)], device=logits.device))
+            n_lists += 1
+        offset += size
+    return pointwise_weight * pointwise + listwise / max(1, n_lists)
+
+
 def train_model(groups: list[Group], config: RankerTrainConfig, device: torch.device):
     source = resolve_model(config.base_model)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -86,23 +102,11 @@ def train_model(groups: list[Group], config: RankerTrainConfig, device: torch.de
             batch = groups[start:start + config.groups_per_batch]
             queries = [g.query for g in batch for _ in g.passages]
             passages = [p for g in batch for p in g.passages]
-            labels = torch.tensor([l for g in batch for l in g.labels], dtype=torch.float32, device=device)
             enc = tokenizer(queries, passages, padding=True, truncation="longest_first",
                             max_length=config.max_length, return_tensors="pt").to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(**enc).logits[:, 0].float()
-            pointwise = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
-            # Listwise: softmax over each answerable group's candidates, the right entry as the target.
-            listwise, n_lists, offset = logits.new_zeros(()), 0, 0
-            for g in batch:
-                size = len(g.passages)
-                if 1 in g.labels:
-                    listwise = listwise + torch.nn.functional.cross_entropy(
-                        logits[offset:offset + size].unsqueeze(0),
-                        torch.tensor([g.labels.index(1)], device=device))
-                    n_lists += 1
-                offset += size
-            loss = config.pointwise_weight * pointwise + listwise / max(1, n_lists)
+            loss = ranking_loss(logits, batch, config.pointwise_weight)
             step(loss, model, optimizer, scheduler)
             bar.update(1)
             if bar.n % 20 == 0:

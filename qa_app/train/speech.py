@@ -30,7 +30,7 @@ from qa_app.models.loading import ASSETS_DIR, pick_device
 from qa_app.models.speech_encoder import (ALPHABET, HeadConfig, SpeechVectoriser, ctc_greedy,
                                           small_wav2vec2_config)
 from qa_app.text.normalize import normalize
-from qa_app.train.loop import adamw_with_warmup, step
+from qa_app.train.loop import adamw_with_warmup, step, steps_within
 from qa_app.train.speech_data import (HELD_OUT_ESPEAK_VARIANTS, HELD_OUT_ESPEAK_VOICES, ESPEAK_VARIANTS,
                                       ESPEAK_VOICES, SAMPLE_RATE, Utterance, load_manifest_audio,
                                       synthesize_espeak, training_texts)
@@ -212,21 +212,23 @@ def _normalized(samples: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (samples - mean) / torch.sqrt(var + 1e-7) * mask
 
 
-def losses(model: SpeechVectoriser, samples, mask, targets: torch.Tensor, target_ids: torch.Tensor,
-           labels: list[list[int]], config: SpeechTrainConfig) -> dict[str, torch.Tensor]:
-    embeddings, logits, frames = model(samples, mask)
+def objective(embeddings: torch.Tensor, logits: torch.Tensor, frames: torch.Tensor, targets: torch.Tensor,
+              target_ids: torch.Tensor, labels: list[list[int]], config: SpeechTrainConfig) -> dict[str, torch.Tensor]:
+    """The training loss of a vectoriser's outputs (see SpeechVectoriser.forward) against the text targets
+    [batch, dim], their text ids [batch] and the characters said (CTC labels)."""
+    device = embeddings.device
     cosine = (embeddings * targets).sum(-1)
     # In-batch contrastive: each utterance against every other text in the batch (copies of its own
     # text, spoken by other voices, are not negatives).
     similarity = embeddings @ targets.T / config.contrastive_temperature
     same_text = (target_ids[:, None] == target_ids[None, :]) & ~torch.eye(len(target_ids), dtype=torch.bool,
-                                                                           device=samples.device)
+                                                                           device=device)
     similarity = similarity.float().masked_fill(same_text, float("-inf"))
-    contrastive = torch.nn.functional.cross_entropy(similarity, torch.arange(len(target_ids), device=samples.device))
+    contrastive = torch.nn.functional.cross_entropy(similarity, torch.arange(len(target_ids), device=device))
     log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # [frames, batch, classes]
-    flat = torch.tensor([c for lab in labels for c in lab], dtype=torch.long, device=samples.device)
+    flat = torch.tensor([c for lab in labels for c in lab], dtype=torch.long, device=device)
     ctc = torch.nn.functional.ctc_loss(log_probs, flat, frames.sum(-1),
-                                       torch.tensor([len(lab) for lab in labels], device=samples.device),
+                                       torch.tensor([len(lab) for lab in labels], device=device),
                                        blank=0, zero_infinity=True)
     total = (1 - cosine).mean() + config.contrastive_weight * contrastive + config.ctc_weight * ctc
     return {"total": total, "cosine": cosine.float().mean().detach(), "contrastive": contrastive.detach().float(),
@@ -319,22 +321,13 @@ def train_speech(config: SpeechTrainConfig) -> dict:
     def forward(idx, samples, mask):
         ids = utterance_text[idx]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return losses(model, samples, mask, targets[ids], ids, [labels[i] for i in idx], config)
+            return objective(*model(samples, mask), targets[ids], ids, [labels[i] for i in idx], config)
 
     total_steps = config.steps
     if config.max_train_minutes > 0:  # time a few steps (no update) and fit the schedule to the budget
-        for number in range(10):
-            if number == 3:  # the first steps pay for kernel selection and allocation
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                probe = time.time()
-            forward(*next_batch())["total"].backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        total_steps = steps_within(lambda: forward(*next_batch())["total"].backward(), device,
+                                   config.max_train_minutes, config.steps)
         model.zero_grad(set_to_none=True)
-        per_step = (time.time() - probe) / 7
-        total_steps = max(10, min(config.steps, int(config.max_train_minutes * 60 / per_step)))
-        log.info("%.3f s per step: %d steps fit in %.1f minutes", per_step, total_steps, config.max_train_minutes)
     optimizer, scheduler = adamw_with_warmup(model, config.learning_rate, total_steps, config.warmup_fraction)
     history, metrics_log = [], []
     bar = tqdm(range(total_steps), desc="train speech", unit="step")
