@@ -346,6 +346,17 @@ def cmd_train_ranker(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from qa_app.train.distill import RankerDistillConfig, SpeechDistillConfig, distill_ranker, distill_speech
+
+    if args.model == "ranker":
+        report = distill_ranker(RankerDistillConfig(**_train_config(args, RankerDistillConfig)))
+    else:
+        report = distill_speech(SpeechDistillConfig(**_train_config(args, SpeechDistillConfig)))
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return 0
+
+
 def cmd_train_encoder(args) -> int:
     from qa_app.train.encoder import EncoderTrainConfig, train_encoder
 
@@ -434,6 +445,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-false-accept", dest="target_false_accept", type=float,
                    help="false-accept rate the threshold is set for on the calibration game")
     p.set_defaults(func=cmd_train_ranker)
+
+    p = sub.add_parser("distill", help="distil a model into a student with fewer layers (TinyBERT losses)")
+    p.add_argument("model", choices=("ranker", "speech"), help="which model to compress")
+    _train_args(p, "RankerDistillConfig or SpeechDistillConfig")
+    p.add_argument("--teacher", help="the model to distil (shipped name or folder)")
+    p.add_argument("--layers", type=int, help="student transformer layers")
+    p.add_argument("--layer-map", dest="layer_map",
+                   help="teacher layer (1-based) each student layer learns from, e.g. 2,4,6 (default: uniform)")
+    p.add_argument("--conv-dim", dest="conv_dim", type=int, help="speech: channels of the student's conv front end")
+    p.add_argument("--steps", type=int, help="speech: optimisation steps")
+    p.add_argument("--max-train-minutes", dest="max_train_minutes", type=float,
+                   help="speech: fewer steps if the measured speed would overrun this")
+    p.add_argument("--limit-groups", dest="limit_groups", type=int, help="ranker: this many groups (smoke test)")
+    p.add_argument("--limit-texts", dest="limit_texts", type=int, help="speech: this many texts (smoke test)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=None,
+                   help="ranker: skip fitting the rejector (calibrate later with train-ranker --calibrate-only)")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("train-encoder", help="adapt the bi-encoder to players' questions (contrastive)")
     _train_args(p, "EncoderTrainConfig")
