@@ -13,7 +13,7 @@ from qa_app.models.loading import ASSETS_DIR
 class Settings:
     kb_dir: Path = ASSETS_DIR / "kb"
     text_encoder: str = "text-encoder"   # all-MiniLM-L6-v2 fine-tuned by qa-app train-encoder
-    ranker: str | None = "ranker"        # None: rank by bi-encoder cosine alone
+    ranker: str | None = "ranker-l3"     # None: rank by bi-encoder cosine alone; "ranker": the 6-layer teacher
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     index_kind: str = "flat"             # flat | ivf | hnsw
     recall_k: int = 48                   # KB questions fetched from faiss per query

@@ -16,7 +16,7 @@ from qa_app.models.cuda_graphs import GraphedForward
 from qa_app.models.fast_encoders import FastBert, pack_token_rows
 from qa_app.models.loading import pad_encodings, pick_device, quantize_for_cpu, resolve_model
 
-DEFAULT_RANKER = "ranker"
+DEFAULT_RANKER = "ranker-l3"  # distilled from "ranker" (6 layers): as accurate, half the GPU time
 
 
 class Ranker:
