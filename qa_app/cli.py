@@ -454,9 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-map", dest="layer_map",
                    help="teacher layer (1-based) each student layer learns from, e.g. 2,4,6 (default: uniform)")
     p.add_argument("--conv-dim", dest="conv_dim", type=int, help="speech: channels of the student's conv front end")
-    p.add_argument("--steps", type=int, help="speech: optimisation steps")
+    p.add_argument("--steps", type=int, help="optimisation steps (ranker: at most; 0 = all --epochs)")
     p.add_argument("--max-train-minutes", dest="max_train_minutes", type=float,
-                   help="speech: fewer steps if the measured speed would overrun this")
+                   help="fewer steps if the measured speed would overrun this")
     p.add_argument("--limit-groups", dest="limit_groups", type=int, help="ranker: this many groups (smoke test)")
     p.add_argument("--limit-texts", dest="limit_texts", type=int, help="speech: this many texts (smoke test)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=None,

@@ -2,12 +2,13 @@
 tiny random models (shapes, zero when the student is the teacher, and decreasing under optimisation)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Wav2Vec2Model
 
 from qa_app.models.speech_encoder import HeadConfig, SpeechVectoriser, small_wav2vec2_config
-from qa_app.train.distill import (LayerOutputs, Projections, attention_kl, bert_outputs, bert_student,
+from qa_app.train.distill import (Projections, attention_kl, bert_outputs, bert_student,
                                   parse_layer_map, ranker_output_loss, speech_output_loss, speech_outputs,
                                   speech_student, tinybert_losses, uniform_layer_map)
 
@@ -163,3 +164,42 @@ def test_speech_student_with_a_narrower_front_end_learns_through_the_projection(
     assert sum(last.values()) < 0.7 * sum(first.values()), (first, last)
     assert last["embedding"] < first["embedding"]
     assert projections.embedding.weight.grad is not None
+
+
+def test_ranker_distillation_runs_on_cpu_and_saves_a_loadable_student(tmp_path):
+    import json
+    import shutil
+
+    from qa_app.models.loading import ASSETS_DIR
+    from qa_app.models.ranker import Ranker
+    from qa_app.train.distill import RankerDistillConfig, distill_ranker
+
+    corpora = tmp_path / "corpora"
+    for part in ("kb", "queries"):
+        (corpora / part).mkdir(parents=True)
+        shutil.copy(ASSETS_DIR / "train" / part / "arena_coach.jsonl", corpora / part)
+    report = distill_ranker(RankerDistillConfig(
+        corpora=str(corpora), output=str(tmp_path / "student"), layers=2, device="cpu", limit_groups=16,
+        groups_per_batch=8, epochs=1, calibrate=False))
+    assert report["student_layers"] == 2 and report["layer_map"] == [3, 6] and report["steps"] == 2
+    assert report["parameters"] < report["teacher_parameters"]
+    metrics = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert set(metrics[-1]) >= {"embedding", "attention", "hidden", "output", "labels"}
+    scores = Ranker(str(tmp_path / "student"), device="cpu").score(["where is the armoury"], ["armoury location"])
+    assert scores.shape == (1,) and np.isfinite(scores).all()
+
+
+def test_speech_distillation_runs_on_cpu_and_saves_a_loadable_student(tmp_path):
+    pytest.importorskip("espeakng_loader")
+    from qa_app.models.speech_encoder import SpeechEncoder
+    from qa_app.train.distill import SpeechDistillConfig, distill_speech
+
+    report = distill_speech(SpeechDistillConfig(
+        output=str(tmp_path / "student"), layers=2, conv_dim=64, device="cpu", limit_texts=8, espeak_copies=1,
+        synth_workers=2, steps=2, batch_seconds=16, held_out_texts=3))
+    assert report["student_layers"] == 2 and report["layer_map"] == [4, 8] and report["conv_dim"] == 64
+    assert report["held_out_voices"]["student"]["utterances"] >= 3
+    encoder = SpeechEncoder(str(tmp_path / "student"), device="cpu")
+    assert encoder.model.wav2vec2.config.num_hidden_layers == 2
+    vectors, _ = encoder.encode([np.zeros(16000, np.float32) + 0.01])
+    assert vectors.shape == (1, 384)

@@ -218,12 +218,13 @@ class RankerDistillConfig:
     text_encoder: str = "text-encoder"          # recalls the candidates each training group holds
     corpora: str = str(ASSETS_DIR / "train")
     general_chat: str = str(ASSETS_DIR / "train" / "general_chat.txt")
-    output: str = str(ASSETS_DIR / "models" / "ranker-l2")
-    layers: int = 2
+    output: str = str(ASSETS_DIR / "models" / "ranker-l3")
+    layers: int = 3
     layer_map: str = ""                         # teacher layers (1-based) per student layer; empty: uniform
     device: str = "auto"
     seed: int = 13
     epochs: int = 2
+    steps: int = 2335                           # >0: at most this many steps (the shipped student had 1.2 epochs)
     groups_per_batch: int = 32
     learning_rate: float = 1e-4                 # higher than fine-tuning: the student has far to move
     warmup_fraction: float = 0.06
@@ -305,6 +306,7 @@ def distill_ranker(config: RankerDistillConfig) -> dict:
     batches = [groups[start:start + config.groups_per_batch]
                for start in range(0, len(groups), config.groups_per_batch)]
     total_steps = len(batches) * config.epochs
+    total_steps = min(config.steps, total_steps) if config.steps else total_steps
     if config.max_train_minutes > 0:
         probe = iter(batches * 10)
         total_steps = steps_within(lambda: weights.total(losses(next(probe))).backward(), device,
