@@ -1,17 +1,20 @@
 """Teachers against their distilled students, timed the way the engine calls them, in one run.
 
-Ranker: (player question, KB question | answer) pairs, already tokenised, from the bundled quartermaster eval set, each query
-with its right entry's passage, tokenised as the engine does (128 tokens at most). Speech vectoriser: the
-bundled spoken eval audio (flite voices) at its natural lengths, timed twice: the model alone (normalised waveforms in, outputs on the
-device) and the whole ``encode`` call (normalising and CTC decoding on the host too). On CUDA every model runs on our FP16 fast
-path (Triton kernels over packed inputs; the ranker's batch 1 from its CUDA graph, as served); on CPU the
-ranker runs as served there (dynamic INT8) and the vectoriser in fp32. Timings are medians of
-synchronised wall-clock runs of the whole call (tokens or waveforms in, scores or vectors back on the host).
+Ranker: (player question, KB question | answer) pairs from the bundled quartermaster eval set, each query
+with its right entry's passage, tokenised beforehand as the engine does (128 tokens at most). Speech
+vectoriser: the bundled spoken eval audio (flite voices) at its natural lengths, timed twice: the model
+alone (normalised waveforms in, outputs on the device) and the whole ``encode`` call (normalising and CTC
+decoding on the host too). On CUDA every model runs on our FP16 fast path (Triton kernels over packed
+inputs; the ranker's batch 1 from its CUDA graph, as served); on CPU the ranker runs as served there
+(dynamic INT8) and the vectoriser in fp32. Timings are medians of synchronised wall-clock runs of the whole
+call; on CUDA also the GPU kernel time of the batch-N call (profiler).
 
-    python benchmarks/bench_compression.py --device cuda --ranker ranker ranker-l2 \
-        --speech speech-encoder speech-encoder-l3
-Prints one row per model: layers, parameters, size on disk, batch-1 latency, batch-N throughput, batch-N GPU kernel
-time (CUDA) and the speed-up over the first model of its kind (each model timed --rounds times in turn, best median kept).
+    python benchmarks/bench_compression.py --device cuda [--ranker ranker ranker-l3] \
+        [--speech speech-encoder speech-encoder-l3] [--batch 256] [--rounds 2]
+
+Prints one row per model: layers, parameters, size on disk, batch-1 latency, batch-N throughput, batch-N
+GPU kernel time, and the speed-ups over the first model of its kind (each model is timed --rounds times in
+turn and its best median kept, so tuning, clocks and caches favour none of them).
 """
 from __future__ import annotations
 
@@ -152,8 +155,9 @@ def compare(kind: str, names: list[str], timings, work: float, rounds: int) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--ranker", nargs="*", default=["ranker"], help="ranker models, teacher first")
-    parser.add_argument("--speech", nargs="*", default=["speech-encoder"], help="speech models, teacher first")
+    parser.add_argument("--ranker", nargs="*", default=["ranker", "ranker-l3"], help="ranker models, teacher first")
+    parser.add_argument("--speech", nargs="*", default=["speech-encoder", "speech-encoder-l3"],
+                        help="speech models, teacher first")
     parser.add_argument("--batch", type=int, default=256, help="throughput batch")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=2, help="times each model is timed, in turn (best counts)")
