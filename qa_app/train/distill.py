@@ -30,13 +30,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from qa_app.models.loading import ASSETS_DIR, pick_device, resolve_model
-from qa_app.train.loop import adamw_with_warmup, step, steps_within
+from qa_app.train.loop import adamw_with_warmup, seed_everything, step, steps_within
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +203,12 @@ class LossWeights:
     output: float = 1.0
     labels: float = 1.0   # the task's own loss on the true labels
 
+    @classmethod
+    def of(cls, config) -> "LossWeights":
+        """The ``*_weight`` fields of a distillation config."""
+        return cls(config.embedding_weight, config.attention_weight, config.hidden_weight, config.output_weight,
+                   config.label_weight)
+
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(getattr(self, name) * value for name, value in parts.items())
 
@@ -239,10 +244,6 @@ class RankerDistillConfig:
     freeze_word_embeddings: bool = True
     calibrate: bool = True                      # fit fusion, rejector and threshold afterwards (train-ranker's)
 
-    def weights(self) -> LossWeights:
-        return LossWeights(self.embedding_weight, self.attention_weight, self.hidden_weight, self.output_weight,
-                           self.label_weight)
-
 
 def ranker_output_loss(student: torch.Tensor, teacher: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Listwise KL to the teacher's softmax within each candidate list, plus MSE on the raw logits."""
@@ -256,17 +257,17 @@ def distill_ranker(config: RankerDistillConfig) -> dict:
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     from qa_app.models.text_encoder import TextEncoder
+    from qa_app.reject import Rejector
     from qa_app.train.ranker import RankerTrainConfig, ranking_loss, save_model, train_ranker
     from qa_app.train.ranker_data import CALIBRATION_GAMES, build_groups, general_questions, load_corpora
 
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     device = pick_device(config.device)
     began = time.time()
     source = resolve_model(config.teacher)
-    teacher_meta = json.loads((Path(source) / "calibration.json").read_text()) if (
-        Path(source) / "calibration.json").is_file() else {}
-    passage = teacher_meta.get("passage", "question_answer")
-    max_length = int(teacher_meta.get("max_length", 128))
+    _, _, calibration = Rejector.load(source)  # the student reads what the teacher was trained to read
+    passage = calibration.get("passage", "question")
+    max_length = int(calibration.get("max_length", 128))
     tokenizer = AutoTokenizer.from_pretrained(source)
     teacher = BertForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32,
                                                             attn_implementation="eager").to(device).eval()
@@ -287,7 +288,7 @@ def distill_ranker(config: RankerDistillConfig) -> dict:
              config.layers, layer_map, len(groups))
 
     trained = nn.ModuleList([student, projections])
-    weights = config.weights()
+    weights = LossWeights.of(config)
     use_amp = device.type == "cuda"
     rng = random.Random(config.seed)
 
@@ -384,10 +385,6 @@ class SpeechDistillConfig:
     label_weight: float = 0.5
     held_out_texts: int = 300
 
-    def weights(self) -> LossWeights:
-        return LossWeights(self.embedding_weight, self.attention_weight, self.hidden_weight, self.output_weight,
-                           self.label_weight)
-
 
 def speech_output_loss(student_head, teacher_head) -> torch.Tensor:
     """1 - cosine to the teacher's vector, plus KL to its CTC distribution on each real frame."""
@@ -404,7 +401,7 @@ def distill_speech(config: SpeechDistillConfig) -> dict:
                                      held_out_report, length_batches, objective, text_targets)
     from qa_app.train.speech_data import SAMPLE_RATE
 
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     rng = random.Random(config.seed)
     device = pick_device(config.device)
     began = time.time()
@@ -441,7 +438,7 @@ def distill_speech(config: SpeechDistillConfig) -> dict:
     utterance_text = torch.tensor([text_index[u.text] for u in utterances], device=device)
     labels = [ctc_labels(u.text) for u in utterances]
     augment = Augmenter(rng)
-    weights = config.weights()
+    weights = LossWeights.of(config)
     batches: list[list[int]] = []
 
     def losses():
@@ -500,12 +497,6 @@ def distill_speech(config: SpeechDistillConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _device_name(device: torch.device) -> str:

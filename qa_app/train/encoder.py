@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, BertModel
 from qa_app.models.loading import ASSETS_DIR, pick_device, resolve_model
 from qa_app.models.text_encoder import TextEncoder, mean_pool
 from qa_app.text.normalize import normalize
-from qa_app.train.loop import adamw_with_warmup, step
+from qa_app.train.loop import adamw_with_warmup, seed_everything, step
 from qa_app.train.ranker_data import CALIBRATION_GAMES, load_corpora, misspell
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,7 @@ def make_pairs(config: EncoderTrainConfig, encoder: TextEncoder) -> list[Pair]:
 
 
 def train_encoder(config: EncoderTrainConfig) -> dict:
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     device = pick_device(config.device)
     began = time.time()
     source = resolve_model(config.base_model)

@@ -1,13 +1,22 @@
-"""What the trainers share: AdamW with linear warm-up and decay, one clipped optimisation step, and a step
-count fitted to a time budget."""
+"""What the trainers share: seeding, AdamW with linear warm-up and decay, one clipped optimisation step, and a
+step count fitted to a time budget."""
 from __future__ import annotations
 
 import logging
+import random
 import time
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's random generators, for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def adamw_with_warmup(model: torch.nn.Module, learning_rate: float, total_steps: int, warmup_fraction: float):

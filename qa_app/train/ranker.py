@@ -27,7 +27,7 @@ from qa_app.kb import load_kb, load_queries
 from qa_app.models.loading import ASSETS_DIR, pick_device, resolve_model
 from qa_app.models.text_encoder import TextEncoder
 from qa_app.reject import FEATURES, Fusion, Rejector
-from qa_app.train.loop import adamw_with_warmup, step
+from qa_app.train.loop import adamw_with_warmup, seed_everything, step
 from qa_app.train.ranker_data import CALIBRATION_GAMES, Group, build_groups, general_questions, load_corpora
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,6 @@ class RankerTrainConfig:
     target_false_accept: float = 0.10          # threshold chosen for this rate on the calibration games
     limit_groups: int = 0                      # >0: train on this many groups only (CPU smoke test)
     calibrate_only: bool = False               # keep the model at `output`, refit fusion, rejector, threshold
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def ranking_loss(logits: torch.Tensor, batch: list[Group], pointwise_weight: float) -> torch.Tensor:
@@ -172,7 +166,7 @@ def calibrate(engine: QAEngine, games: dict[str, list], target_far: float,
 
 
 def train_ranker(config: RankerTrainConfig) -> dict:
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     device = pick_device(config.device)
     began = time.time()
     corpora = load_corpora(config.corpora)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from qa_app.models.loading import ASSETS_DIR, pick_device
 from qa_app.models.speech_encoder import (ALPHABET, HeadConfig, SpeechVectoriser, ctc_greedy,
                                           small_wav2vec2_config)
 from qa_app.text.normalize import normalize
-from qa_app.train.loop import adamw_with_warmup, step, steps_within
+from qa_app.train.loop import adamw_with_warmup, seed_everything, step, steps_within
 from qa_app.train.speech_data import (HELD_OUT_ESPEAK_VARIANTS, HELD_OUT_ESPEAK_VOICES, ESPEAK_VARIANTS,
                                       ESPEAK_VOICES, SAMPLE_RATE, Utterance, load_manifest_audio,
                                       synthesize_espeak, training_texts)
@@ -72,12 +71,6 @@ class SpeechTrainConfig:
 
 LOSS_PARTS = ("total", "cosine", "contrastive", "ctc")
 SHAPE_STEP = SAMPLE_RATE // 4
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def text_targets(texts: list[str], config: SpeechTrainConfig, device: torch.device) -> np.ndarray:
@@ -282,7 +275,7 @@ def held_out_report(model: SpeechVectoriser, held_out: list[Utterance], targets:
 
 
 def train_speech(config: SpeechTrainConfig) -> dict:
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     rng = random.Random(config.seed)
     device = pick_device(config.device)
     began = time.time()
