@@ -3,7 +3,7 @@ and ours, in one run, at the encoders' real shapes (MiniLM-L6 at 1024 x 32 token
 wav2vec2-base's feature encoder at batch 32 x 2 s). Prints times, the ratio to eager fp16 and, for GEMMs,
 the fraction of the fp16 GEMM ceiling.
 
-    python benchmarks/bench_kernels.py [--skip-compile]
+    python benchmarks/bench_kernels.py [--skip-compile] [--only conv]
 """
 from __future__ import annotations
 
@@ -19,17 +19,20 @@ from gpu_timing import H100_FP16_GEMM_TFLOPS, cuda_ms, machine, table  # noqa: E
 
 from qa_app.kernels.attention import attention
 from qa_app.kernels.bias_act import bias_act
-from qa_app.kernels.conv_gelu import PER_CHANNEL, InputNorm, Packed, conv1d, pack_conv_weight
+from qa_app.kernels.conv_gelu import PER_CHANNEL, PER_ROW, OutputNorm, Packed, conv1d, pack_conv_weight
 from qa_app.kernels.embeddings import embeddings
 from qa_app.kernels.layer_norm import layer_norm
 from qa_app.kernels.linear import linear
 
 DEV = torch.device("cuda")
 ROWS: list[list] = []
+ONLY = [""]
 
 
 def bench(name: str, shape: str, reference, ours, args32: tuple, args16: tuple, use_compile: bool,
           flops: float = 0.0, extra: dict | None = None) -> None:
+    if ONLY[0] not in name:
+        return
     times = {"eager fp32": cuda_ms(lambda: reference(*args32)), "eager fp16": cuda_ms(lambda: reference(*args16))}
     if use_compile:
         comp = torch.compile(reference, dynamic=False)
@@ -71,8 +74,10 @@ def feature_layers_01(audio, w0, gamma, beta, w1):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--only", default="", help="only the kernels whose name contains this text")
     args = parser.parse_args()
     use_compile = not args.skip_compile
+    ONLY[0] = args.only
     print(machine(), flush=True)
     torch.manual_seed(0)
 
@@ -136,14 +141,34 @@ def main() -> None:
     flat16 = audio16.reshape(-1, 1)
     p0, p1 = pack_conv_weight(w016), pack_conv_weight(w116)
 
-    def ours_01(*_):
-        h0, pk, stats = conv1d(flat16, packed, p0, None, 10, 5, out_stats=PER_CHANNEL)
-        return conv1d(h0, pk, p1, None, 3, 2, in_norm=InputNorm(PER_CHANNEL, stats, gamma, beta, 1e-5), in_gelu=True,
-                      out_gelu=True)[0]
+    def ours_01(*_, split=True):  # as the model runs them: layer 0 stores even rows first for layer 1
+        h0, pk = conv1d(flat16, packed, p0, None, 10, 5, out_norm=OutputNorm(PER_CHANNEL, gamma, beta, 1e-5),
+                        out_gelu=True, out_split=split)
+        return conv1d(h0, pk, p1, None, 3, 2, out_gelu=True, in_split=split)[0]
 
     flops = 32 * (2 * 6399 * 10 * 512 + 2 * 3199 * 1536 * 512)
     bench("conv feature layers 0-1 (+GroupNorm+GELU)", "batch 32 x 2 s, 512 ch", feature_layers_01, ours_01,
-          (audio, w0, gamma, beta, w1), (audio16, w016, gamma.half(), beta.half(), w116), use_compile, flops=flops)
+          (audio, w0, gamma, beta, w1), (audio16, w016, gamma.half(), beta.half(), w116), use_compile, flops=flops,
+          extra={"ours, natural row order": lambda: ours_01(split=False)})
+    # layer 1 alone: the largest GEMM of the encoder (K = 3 taps x 512 channels)
+    x1, x116 = pair(32, 512, 6399)
+    flat1 = x116.transpose(1, 2).reshape(-1, 512).contiguous()
+    frames = Packed([6399] * 32)
+    bench("conv layer 1 (+GELU)", "batch 32 x 2 s, 512 -> 512, k3 s2", lambda a, w: F.gelu(F.conv1d(a, w, None, 2)),
+          lambda *_: conv1d(flat1, frames, p1, None, 3, 2, out_gelu=True, in_split=True)[0], (x1, w1), (x116, w116),
+          use_compile, flops=32 * 2 * 3199 * 1536 * 512,
+          extra={"ours, natural row order": lambda: conv1d(flat1, frames, p1, None, 3, 2, out_gelu=True)})
+    # the same layer with LayerNorm + GELU in its epilogue (the "layer" variant our speech encoder uses)
+    ln_w, ln_b = torch.ones(512, device=DEV), torch.zeros(512, device=DEV)
+
+    def conv_layer_norm(a, w, g, b):
+        y = F.conv1d(a, w, None, 2).transpose(1, 2)
+        return F.gelu(F.layer_norm(y, (y.shape[-1],), g, b, 1e-5))
+
+    bench("conv layer 1 (+LayerNorm+GELU)", "batch 32 x 2 s, 512 -> 512, k3 s2", conv_layer_norm,
+          lambda *_: conv1d(flat1, frames, p1, None, 3, 2, out_norm=OutputNorm(PER_ROW, ln_w, ln_b, 1e-5),
+                            out_gelu=True, in_split=True)[0],
+          (x1, w1, ln_w, ln_b), (x116, w116, ln_w.half(), ln_b.half()), use_compile, flops=32 * 2 * 3199 * 1536 * 512)
     print()
     print(machine())
     print(table(["kernel", "shape", "variant", "time", "vs eager fp16", "of fp16 GEMM ceiling"], ROWS))

@@ -26,7 +26,7 @@ from gpu_timing import machine, table  # noqa: E402
 
 from qa_app.kernels.attention import attention, attention_reference
 from qa_app.kernels.bias_act import bias_act, bias_act_reference
-from qa_app.kernels.conv_gelu import (PER_CHANNEL, PER_ROW, InputNorm, Packed, conv1d, conv_output_lengths,
+from qa_app.kernels.conv_gelu import (PER_CHANNEL, PER_ROW, OutputNorm, Packed, conv1d, conv_output_lengths,
                                       pack_conv_weight)
 from qa_app.kernels.embeddings import embeddings, embeddings_reference
 from qa_app.kernels.layer_norm import layer_norm, layer_norm_reference
@@ -88,27 +88,40 @@ def check_kernels() -> None:
     x = h(int(lens.sum()), 384)
     record("mean_pool", "1024 seqs 8-64", rel(mean_pool(x, starts.to(DEV), lens.to(DEV)),
                                             mean_pool_reference(x.float(), starts.to(DEV), lens.to(DEV))), 1e-2)
-    # wav2vec2-base feature encoder layers 0 (GroupNorm statistics) and 1 (normalise + GELU on load), pos conv
+    # wav2vec2-base feature encoder layers 0 (GroupNorm + GELU in the epilogue, after a statistics run) and 1
+    # (GELU), then a layer with LayerNorm + GELU in its epilogue (the "layer" variant), a positional conv
     seconds = [2.0, 1.3, 3.7, 1.0]
     packed = Packed([int(s * 16000) for s in seconds])
     audio = torch.randn(packed.rows, 1, device=DEV)
     w0 = torch.randn(512, 1, 10, device=DEV) * 0.3
     w1 = torch.randn(512, 512, 3, device=DEV) * (1536 ** -0.5)
     gamma, beta = torch.rand(512, device=DEV) + 0.5, torch.randn(512, device=DEV) * 0.1
-    h0, p0, stats = conv1d(audio.half(), packed, pack_conv_weight(w0).half(), None, 10, 5, out_stats=PER_CHANNEL)
-    h1, p1, _ = conv1d(h0, p0, pack_conv_weight(w1).half(), None, 3, 2, in_norm=InputNorm(PER_CHANNEL, stats, gamma, beta, 1e-5),
-                       in_gelu=True, out_gelu=True)
-    refs0, refs1 = [], []
+    h0, p0 = conv1d(audio.half(), packed, pack_conv_weight(w0).half(), None, 10, 5,
+                    out_norm=OutputNorm(PER_CHANNEL, gamma, beta, 1e-5), out_gelu=True)
+    h1, p1 = conv1d(h0, p0, pack_conv_weight(w1).half(), None, 3, 2, out_gelu=True)
+    h2, _ = conv1d(h1, p1, pack_conv_weight(w1).half(), None, 3, 2, out_norm=OutputNorm(PER_ROW, gamma, beta, 1e-5),
+                   out_gelu=True)
+    refs0, refs1, refs2 = [], [], []
     for start, n in zip(packed.starts, packed.lengths):
-        y = F.conv1d(audio[start:start + n].t().unsqueeze(0), w0, None, 5)
+        y = F.gelu(F.group_norm(F.conv1d(audio[start:start + n].t().unsqueeze(0), w0, None, 5), 512, gamma, beta,
+                                1e-5))
         refs0.append(y[0].t())
-        y = F.gelu(F.conv1d(F.gelu(F.group_norm(y, 512, gamma, beta, 1e-5)), w1, None, 2))
+        y = F.gelu(F.conv1d(y, w1, None, 2))
         refs1.append(y[0].t())
-    record("conv0 (+GroupNorm stats)", "4 utterances 1-3.7 s, 1->512 k10 s5", rel(h0, torch.cat(refs0)), 1e-2)
-    record("conv1 (GroupNorm+GELU in, GELU out)", "512->512 k3 s2", rel(h1, torch.cat(refs1)), 1e-2)
-    h2, _, rstats = conv1d(h1, p1, pack_conv_weight(w1).half(), None, 3, 2, out_stats=PER_ROW)
-    means = torch.cat([F.conv1d(h1[s:s + n].float().t().unsqueeze(0), w1, None, 2)[0].t() for s, n in zip(p1.starts, p1.lengths)]).mean(1)
-    record("conv PER_ROW statistics", "512->512 k3 s2", rel(rstats[:, 0] / 512, means), 1e-2)
+        y = F.gelu(F.layer_norm(F.conv1d(y, w1, None, 2)[0].t(), (512,), gamma, beta, 1e-5))
+        refs2.append(y)
+    record("conv0 (+GroupNorm+GELU)", "4 utterances 1-3.7 s, 1->512 k10 s5", rel(h0, torch.cat(refs0)), 1e-2)
+    record("conv1 (+GELU)", "512->512 k3 s2", rel(h1, torch.cat(refs1)), 1e-2)
+    record("conv2 (+LayerNorm+GELU)", "512->512 k3 s2", rel(h2, torch.cat(refs2)), 1e-2)
+    # the same chain storing even rows first, so layers 1-2 read each tap as a row block (TMA on Hopper)
+    s0, _ = conv1d(audio.half(), packed, pack_conv_weight(w0).half(), None, 10, 5,
+                   out_norm=OutputNorm(PER_CHANNEL, gamma, beta, 1e-5), out_gelu=True, out_split=True)
+    s1, _ = conv1d(s0, p0, pack_conv_weight(w1).half(), None, 3, 2, out_gelu=True, in_split=True, out_split=True)
+    s2, _ = conv1d(s1, p1, pack_conv_weight(w1).half(), None, 3, 2, out_norm=OutputNorm(PER_ROW, gamma, beta, 1e-5),
+                   out_gelu=True, in_split=True)
+    even_first = torch.cat([torch.cat([r[0::2], r[1::2]]) for r in refs1])
+    record("conv1 split in and out (+GELU)", "512->512 k3 s2", rel(s1, even_first), 1e-2)
+    record("conv2 split in (+LayerNorm+GELU)", "512->512 k3 s2", rel(s2, torch.cat(refs2)), 1e-2)
     frames = Packed(conv_output_lengths(p1.lengths, 3, 2, 0))
     x = h(frames.rows, 768)
     wp, bp = torch.randn(768, 48, 128, device=DEV) * (6144 ** -0.5), torch.randn(768, device=DEV) * 0.1

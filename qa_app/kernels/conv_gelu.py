@@ -2,18 +2,25 @@
 
 Sequences are packed channels-last ([rows, channels], utterances back to back, no padding): output row
 ``t`` of an utterance reads the ``taps`` input rows from ``t * stride - pad`` (rows outside the utterance
-read as zeros), so the GEMM's A tile is gathered straight from the previous layer's output and no im2col
-buffer exists. Output tiles never straddle two utterances (a host-built tile table), which lets a tile's
-statistics go to its own utterance.
+read as zeros), so the GEMM's A tile is loaded straight from the previous layer's output, one tap's channels
+at a time as contiguous vectors, and no im2col buffer exists. Output tiles never straddle two utterances
+(a host-built tile table), so a tile's statistics belong to one utterance.
 
-Normalisation is split across the producer and the consumer so that no normalised copy is ever written:
-the producing layer's epilogue accumulates sums and sums of squares of its fp32 results (per utterance and
-channel for wav2vec2-base's GroupNorm, per row for the layer-norm variant), and the next layer normalises
-and applies GELU while loading its A tile. The same kernel, with groups and padding, runs the grouped
-positional convolution of the transformer (GELU and the residual add fused in its epilogue).
+Each layer writes its output already normalised and activated, so the next layer's loads are a plain GEMM
+operand (normalising on load, as an earlier version did, put fp32 arithmetic between the loads and the tensor
+cores and redid it for every block of output channels: slower than cuDNN's three passes):
+- LayerNorm over channels (``PER_ROW``, wav2vec2's "layer" variant, every layer): one tile covers all of a
+  row's output channels, and the epilogue normalises the fp32 accumulators before the store;
+- GroupNorm with one group per channel (``PER_CHANNEL``, wav2vec2-base's first layer): the statistics span
+  the whole utterance, so the layer runs twice, first only summing its fp32 results per utterance and channel
+  (nothing stored), then again normalising in the epilogue. Recomputing is cheaper than a stored raw copy:
+  that layer has one input channel (K = 10) and its output is the largest tensor of the encoder.
+The same kernel, with groups and padding, runs the grouped positional convolution of the transformer (GELU
+and the residual add fused in its epilogue).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from qa_app.kernels import gelu
+from qa_app.kernels import gelu, is_hopper, next_power_of_2, normalize_rows, to_device
 from qa_app.kernels.autotune import TILE_CACHE, bench_ms, row_bucket
+from qa_app.kernels.linear import TensorDescriptor, tma_ready
 
-# Normalisation modes, of a layer's input (applied while loading) and of its output (statistics gathered).
+# Output normalisation modes (see the module docstring).
 NONE, PER_CHANNEL, PER_ROW = 0, 1, 2
 
 # name -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -34,27 +42,88 @@ TILES = {
     "64x128x64w4s3": (64, 128, 64, 4, 3),
     "64x256x64w8s3": (64, 256, 64, 8, 3),
     "64x64x64w4s3": (64, 64, 64, 4, 3),
-    "128x128x64w8s4": (128, 128, 64, 8, 4),
-    "128x128x32w4s4": (128, 128, 32, 4, 4),
+    "128x256x32w8s4": (128, 256, 32, 8, 4),
+    "64x512x32w8s3": (64, 512, 32, 8, 3),
     "64x64x16w4s3": (64, 64, 16, 4, 3),
+    "128x128x16w4s2": (128, 128, 16, 4, 2),
+    "128x256x16w8s2": (128, 256, 16, 8, 2),
+    "64x512x16w8s2": (64, 512, 16, 8, 2),
+    "64x256x16w4s2": (64, 256, 16, 4, 2),
+}
+# TMA kernel, sm_90+: same fields
+TMA_TILES = {
+    "tma128x128x64w8s4": (128, 128, 64, 8, 4),
+    "tma64x128x64w4s4": (64, 128, 64, 4, 4),
+    "tma128x256x64w8s3": (128, 256, 64, 8, 3),
+    "tma64x256x64w8s4": (64, 256, 64, 8, 4),
+    "tma128x256x32w8s4": (128, 256, 32, 8, 4),
+    "tma64x512x32w8s3": (64, 512, 32, 8, 3),
 }
 
 
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
-                 in_stats_ptr, in_gamma_ptr, in_beta_ptr, out_stats_ptr, stride_x, stride_o, eps,
-                 C_IN: tl.constexpr, C_OUT: tl.constexpr, CG_IN: tl.constexpr, CG_OUT: tl.constexpr, TAPS: tl.constexpr,
-                 STRIDE: tl.constexpr, PAD: tl.constexpr, IN_NORM: tl.constexpr, IN_GELU: tl.constexpr,
-                 OUT_STATS: tl.constexpr, OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    tile, pid_n, group = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _epilogue(acc, seq, ts, t_ok, ns, n_ok, co, out_start, bias_ptr, res_ptr, out_ptr, out_len_ptr, stats_ptr,
+              gamma_ptr, beta_ptr, stride_o, eps, C_OUT: tl.constexpr, NORM: tl.constexpr, STATS_ONLY: tl.constexpr,
+              OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_SPLIT: tl.constexpr):
+    """Bias, then GroupNorm statistics only, or norm + GELU (+ residual) and the store of output rows ``ts``."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mask = t_ok[:, None] & n_ok[None, :]
+    out_len = tl.load(out_len_ptr + seq)
+    if STATS_ONLY:  # GroupNorm's first run: per utterance and channel sums, nothing stored
+        kept = tl.where(mask, acc, 0.0)
+        tl.atomic_add(stats_ptr + (seq * C_OUT + co) * 2, tl.sum(kept, axis=0), mask=n_ok)
+        tl.atomic_add(stats_ptr + (seq * C_OUT + co) * 2 + 1, tl.sum(kept * kept, axis=0), mask=n_ok)
+    else:
+        if NORM == 1:  # GroupNorm, one group per channel, from the first run's sums
+            n = tl.maximum(out_len, 1).to(tl.float32)
+            s = tl.load(stats_ptr + (seq * C_OUT + co) * 2, mask=n_ok, other=0.0)
+            ss = tl.load(stats_ptr + (seq * C_OUT + co) * 2 + 1, mask=n_ok, other=0.0)
+            mean = s / n
+            rstd = 1.0 / tl.sqrt(tl.maximum(ss / n - mean * mean, 0.0) + eps)
+            gamma = tl.load(gamma_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
+            beta = tl.load(beta_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
+            acc = (acc - mean[None, :]) * (rstd * gamma)[None, :] + beta[None, :]
+        if NORM == 2:  # LayerNorm over the row's channels, all inside this tile
+            acc = normalize_rows(tl.where(mask, acc, 0.0), mask, ns, gamma_ptr, beta_ptr, C_OUT, eps)
+        if OUT_GELU:
+            acc = gelu(acc)
+        if OUT_SPLIT:  # even rows first, then odd rows: each tap of a stride-2 consumer reads a row block
+            rows = out_start + tl.where(ts % 2 == 0, ts // 2, (out_len + 1) // 2 + ts // 2)
+        else:
+            rows = out_start + ts
+        offsets = rows[:, None] * stride_o + co[None, :]
+        if HAS_RES:
+            acc += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile_rows(tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr, N_BLOCKS: tl.constexpr):
+    """This program's tile (utterance, output rows t0..t1) and block of output channels."""
+    tile, pid_n = tl.program_id(0) // N_BLOCKS, tl.program_id(0) % N_BLOCKS
     seq = tl.load(tiles_ptr + tile * 3)
     t0 = tl.load(tiles_ptr + tile * 3 + 1)
     t1 = tl.load(tiles_ptr + tile * 3 + 2)
     in_start = tl.load(in_start_ptr + seq).to(tl.int64)
     in_len = tl.load(in_len_ptr + seq)
     out_start = tl.load(out_start_ptr + seq).to(tl.int64)
+    return pid_n, seq, t0, t1, in_start, in_len, out_start
 
+
+@triton.jit
+def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
+                 out_len_ptr, stats_ptr, gamma_ptr, beta_ptr, stride_x, stride_o, eps,
+                 C_OUT: tl.constexpr, CG_IN: tl.constexpr, CG_OUT: tl.constexpr, TAPS: tl.constexpr,
+                 STRIDE: tl.constexpr, PAD: tl.constexpr, NORM: tl.constexpr, STATS_ONLY: tl.constexpr,
+                 OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IN_SPLIT: tl.constexpr,
+                 OUT_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pointer-based tiles: any GPU, the interpreter, grouped and padded convolutions."""
+    # Output-channel blocks vary fastest, so the blocks sharing an A tile run together and read it from L2.
+    N_BLOCKS: tl.constexpr = (CG_OUT + BLOCK_N - 1) // BLOCK_N
+    pid_n, seq, t0, t1, in_start, in_len, out_start = _tile_rows(tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
+                                                                 N_BLOCKS)
+    group = tl.program_id(1)
     ts = t0 + tl.arange(0, BLOCK_M)
     t_ok = ts < t1
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,71 +131,74 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, tiles_ptr, in_start_p
     co = group * CG_OUT + ns
     first_row = ts * STRIDE - PAD  # the utterance's input row under tap 0
     K_TOTAL: tl.constexpr = TAPS * CG_IN
+    CG_PAD: tl.constexpr = (CG_IN + BLOCK_K - 1) // BLOCK_K * BLOCK_K  # a tap's channels, in whole K blocks
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_TOTAL, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K_TOTAL
-        if CG_IN % BLOCK_K == 0:
-            # The block lies inside one tap: each row's slice is contiguous channels (vector loads), and
-            # row validity and row statistics are per row, not per element.
-            tap = k0 // CG_IN
-            ci = group * CG_IN + (k0 % CG_IN) + tl.arange(0, BLOCK_K)
+    if CG_IN == 1:
+        # One input channel (raw audio): a K block spans BLOCK_K taps, gathered element by element, so the
+        # first layer's ten taps are one block, not ten nearly empty ones.
+        for k0 in range(0, TAPS, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            rows = first_row[:, None] + ks[None, :]
+            a_ok = t_ok[:, None] & (ks < TAPS)[None, :] & (rows >= 0) & (rows < in_len)
+            if IN_SPLIT:
+                rows = tl.where(rows % 2 == 0, rows // 2, (in_len + 1) // 2 + rows // 2)
+            a = tl.load(x_ptr + (in_start + rows) * stride_x + group, mask=a_ok, other=0.0)
+            b = tl.load(w_ptr + co[None, :] * K_TOTAL + ks[:, None], mask=(ks < TAPS)[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(a, b, acc)
+    else:
+        for k0 in range(0, TAPS * CG_PAD, BLOCK_K):
+            # A K block lies inside one tap: each row's slice is contiguous channels (vector loads), and row
+            # validity (the utterance's edges, the padding) is per row.
+            tap = k0 // CG_PAD
+            c = k0 % CG_PAD + tl.arange(0, BLOCK_K)
             rows = first_row + tap
             row_ok = t_ok & (rows >= 0) & (rows < in_len)
-            a_ok = row_ok[:, None]
-            a = tl.load(x_ptr + ((in_start + rows) * stride_x)[:, None] + ci[None, :], mask=a_ok, other=0.0)
-        else:
-            tap = ks // CG_IN
-            ci = group * CG_IN + ks % CG_IN
-            rows2 = first_row[:, None] + tap[None, :]
-            a_ok = t_ok[:, None] & k_ok[None, :] & (rows2 >= 0) & (rows2 < in_len)
-            a = tl.load(x_ptr + (in_start + rows2) * stride_x + ci[None, :], mask=a_ok, other=0.0)
-        if IN_NORM != 0 or IN_GELU:
-            a = a.to(tl.float32)
-            if IN_NORM == 1:  # GroupNorm with one group per channel: statistics over the utterance's rows
-                s = tl.load(in_stats_ptr + (seq * C_IN + ci) * 2, mask=k_ok, other=0.0)
-                ss = tl.load(in_stats_ptr + (seq * C_IN + ci) * 2 + 1, mask=k_ok, other=0.0)
-                mean = s / in_len
-                rstd = 1.0 / tl.sqrt(tl.maximum(ss / in_len - mean * mean, 0.0) + eps)
-                gamma = tl.load(in_gamma_ptr + ci, mask=k_ok, other=0.0)
-                beta = tl.load(in_beta_ptr + ci, mask=k_ok, other=0.0)
-                a = (a - mean[None, :]) * (rstd * gamma)[None, :] + beta[None, :]
-            if IN_NORM == 2:  # LayerNorm over the channels of each input row
-                if CG_IN % BLOCK_K == 0:
-                    s = tl.load(in_stats_ptr + (in_start + rows) * 2, mask=row_ok, other=0.0)[:, None]
-                    ss = tl.load(in_stats_ptr + (in_start + rows) * 2 + 1, mask=row_ok, other=0.0)[:, None]
-                else:
-                    s = tl.load(in_stats_ptr + (in_start + rows2) * 2, mask=a_ok, other=0.0)
-                    ss = tl.load(in_stats_ptr + (in_start + rows2) * 2 + 1, mask=a_ok, other=0.0)
-                mean = s / C_IN
-                rstd = 1.0 / tl.sqrt(tl.maximum(ss / C_IN - mean * mean, 0.0) + eps)
-                gamma = tl.load(in_gamma_ptr + ci, mask=k_ok, other=0.0)
-                beta = tl.load(in_beta_ptr + ci, mask=k_ok, other=0.0)
-                a = (a - mean) * rstd * gamma[None, :] + beta[None, :]
-            if IN_GELU:
-                a = gelu(a)
-            a = tl.where(a_ok, a, 0.0).to(w_ptr.dtype.element_ty)  # the convolution pads the normalised signal
-        b = tl.load(w_ptr + co[None, :] * K_TOTAL + ks[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+            if IN_SPLIT:  # the input is stored even rows first, then odd rows
+                rows = tl.where(rows % 2 == 0, rows // 2, (in_len + 1) // 2 + rows // 2)
+            if CG_IN % BLOCK_K == 0:
+                a_ok = row_ok[:, None]
+                b_ok = n_ok[None, :]
+            else:  # the tap's last block is partly past its channels
+                a_ok = row_ok[:, None] & (c < CG_IN)[None, :]
+                b_ok = (c < CG_IN)[:, None] & n_ok[None, :]
+            a = tl.load(x_ptr + ((in_start + rows) * stride_x)[:, None] + (group * CG_IN + c)[None, :], mask=a_ok,
+                        other=0.0)
+            b = tl.load(w_ptr + co[None, :] * K_TOTAL + (tap * CG_IN + c)[:, None], mask=b_ok, other=0.0)
+            acc = tl.dot(a, b, acc)
+    _epilogue(acc, seq, ts, t_ok, ns, n_ok, co, out_start, bias_ptr, res_ptr, out_ptr, out_len_ptr, stats_ptr,
+              gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, STATS_ONLY, OUT_GELU, HAS_BIAS, HAS_RES, OUT_SPLIT)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    mask = t_ok[:, None] & n_ok[None, :]
-    if OUT_STATS == 1:
-        kept = tl.where(mask, acc, 0.0)
-        tl.atomic_add(out_stats_ptr + (seq * C_OUT + co) * 2, tl.sum(kept, axis=0), mask=n_ok)
-        tl.atomic_add(out_stats_ptr + (seq * C_OUT + co) * 2 + 1,
-                      tl.sum(kept * kept, axis=0), mask=n_ok)
-    if OUT_STATS == 2:
-        kept = tl.where(mask, acc, 0.0)
-        tl.atomic_add(out_stats_ptr + (out_start + ts) * 2, tl.sum(kept, axis=1), mask=t_ok)
-        tl.atomic_add(out_stats_ptr + (out_start + ts) * 2 + 1, tl.sum(kept * kept, axis=1), mask=t_ok)
-    if OUT_GELU:
-        acc = gelu(acc)
-    offsets = (out_start + ts)[:, None] * stride_o + co[None, :]
-    if HAS_RES:
-        acc += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _conv_tma_kernel(x_desc, w_desc, bias_ptr, out_ptr, tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
+                     out_len_ptr, stats_ptr, gamma_ptr, beta_ptr, stride_o, eps,
+                     C_IN: tl.constexpr, C_OUT: tl.constexpr, TAPS: tl.constexpr, STRIDE: tl.constexpr,
+                     NORM: tl.constexpr, STATS_ONLY: tl.constexpr, OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     OUT_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Hopper: every tap's A tile is one block of consecutive input rows (stride 1, or stride 2 over an input
+    stored even rows first), so the copy engine moves it (TMA) and the K loop pipelines like a plain GEMM's.
+    Rows past the utterance's end read its neighbour's rows: they feed only output rows past ``t1``, which are
+    neither stored nor counted."""
+    N_BLOCKS: tl.constexpr = (C_OUT + BLOCK_N - 1) // BLOCK_N
+    pid_n, seq, t0, t1, in_start, in_len, out_start = _tile_rows(tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
+                                                                 N_BLOCKS)
+    even_rows = (in_len + 1) // 2
+    first = (in_start + t0).to(tl.int32)
+    n0 = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, TAPS * C_IN, BLOCK_K):
+        tap = k // C_IN
+        if STRIDE == 2:  # tap j of output row t is input row 2t + j: the even (j = 0, 2) or odd (j = 1) half
+            row = first + (tap % 2) * even_rows + tap // 2
+        else:
+            row = first + tap
+        acc = tl.dot(x_desc.load([row, k - tap * C_IN]), w_desc.load([n0, k]).T, acc)
+    ts = t0 + tl.arange(0, BLOCK_M)
+    ns = n0 + tl.arange(0, BLOCK_N)
+    _epilogue(acc, seq, ts, ts < t1, ns, ns < C_OUT, ns, out_start, bias_ptr, out_ptr, out_ptr, out_len_ptr,
+              stats_ptr, gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, STATS_ONLY, OUT_GELU, HAS_BIAS, False,
+              OUT_SPLIT)
 
 
 @dataclass
@@ -144,10 +216,9 @@ class Packed:
 
 
 @dataclass
-class InputNorm:
-    """How the layer normalises its input while loading it: the producer's statistics and affine weights."""
+class OutputNorm:
+    """The normalisation applied to a layer's output before its GELU: mode and affine weights (fp32)."""
     mode: int
-    stats: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor
     eps: float
@@ -177,63 +248,109 @@ def _tile_table(out_lengths: list[int], block_m: int, device) -> torch.Tensor:
     table = np.stack([utterance, start, np.minimum(start + block_m, lengths[utterance])], axis=1).astype(np.int32)
     if not len(table):
         table = np.zeros((1, 3), dtype=np.int32)
-    return torch.from_numpy(table).to(device, non_blocking=True)
+    return to_device(table, device)
+
+
+@functools.lru_cache(maxsize=None)  # the hot path asks every call; the answer depends on these only
+def _candidates(c_in: int, c_out: int, taps: int, groups: int, norm_mode: int, tma: bool) -> list[str]:
+    """Tiles worth timing: K blocks no wider than a tap's channels need (TMA tiles: dividing them); for
+    LayerNorm in the epilogue, the narrowest tiles that hold a whole row of output channels."""
+    cg_in = c_in // groups
+    widest_k = max(16, next_power_of_2(taps if cg_in == 1 else cg_in))
+    tiles = {**TILES, **(TMA_TILES if tma else {})}
+    if norm_mode == PER_ROW:
+        widths = sorted({t[1] for t in tiles.values() if t[1] >= c_out})
+        if groups != 1 or not widths:
+            raise ValueError(f"LayerNorm epilogue needs groups=1 and <= {max(t[1] for t in TILES.values())} "
+                             f"channels, got groups={groups}, {c_out} channels")
+        fits = lambda n: n == widths[0]  # noqa: E731
+    else:
+        fits = lambda n: n <= max(64, next_power_of_2(c_out // groups))  # noqa: E731
+    return [name for name, (_, n, k, _, _) in tiles.items()
+            if fits(n) and k <= widest_k and (name in TILES or cg_in % k == 0)]
+
+
+def _uses_tma(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, groups: int, in_split: bool,
+              residual: torch.Tensor | None) -> bool:
+    """The TMA kernel needs each tap's rows consecutive (stride 1, or 2 over a split input), no padding or
+    groups, 16-byte aligned rows, and a Hopper (or newer) GPU."""
+    return (is_hopper(x.device) and pad == 0
+            and groups == 1 and residual is None and (stride == 1 or (stride == 2 and in_split))
+            and x.shape[1] % 16 == 0 and tma_ready(x, weight))
 
 
 def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Tensor | None, taps: int,
-           stride: int, pad: int = 0, groups: int = 1, in_norm: InputNorm | None = None, in_gelu: bool = False,
-           out_stats: int = NONE, out_gelu: bool = False, residual: torch.Tensor | None = None,
-           out_lengths: list[int] | None = None):
-    """One convolution layer over packed utterances.
+           stride: int, pad: int = 0, groups: int = 1, out_norm: OutputNorm | None = None, out_gelu: bool = False,
+           residual: torch.Tensor | None = None, out_lengths: list[int] | None = None, in_split: bool = False,
+           out_split: bool = False) -> tuple[torch.Tensor, Packed]:
+    """One convolution layer over packed utterances: ``residual + GELU?(out_norm?(conv(x) + bias))``.
 
     x: [packed.rows, C_in] channels-last; weight: ``pack_conv_weight`` of the Conv1d weight.
-    Returns (out [sum(out_lengths), C_out], its Packed, statistics or None): statistics are fp32 sums and
-    sums of squares, [utterances, C_out, 2] (PER_CHANNEL) or [rows, 2] (PER_ROW), for the next layer's
-    ``InputNorm``.
+    ``out_split`` stores each utterance's output rows even rows first, then odd rows (for a next layer of
+    stride 2, which reads it with ``in_split``): then every tap of that layer reads a block of consecutive
+    rows, which the copy engine can move. Returns out [sum(out_lengths), C_out] and its Packed.
     """
+    if in_split and (stride != 2 or pad != 0):
+        raise ValueError("a split input is read by stride-2 layers without padding only")
+    if out_split and residual is not None:
+        raise ValueError("a residual is added in natural row order: no split output")
     c_in = x.shape[1]
     c_out = weight.shape[0]
     out_lengths = out_lengths or conv_output_lengths(packed.lengths, taps, stride, pad)
     out_packed = Packed(out_lengths)
     out = torch.empty(out_packed.rows, c_out, dtype=weight.dtype, device=x.device)
-    device = x.device
-    seq_info = torch.tensor([packed.starts, packed.lengths, out_packed.starts], dtype=torch.int32).to(device)
-
-    def run(tile: str, table: torch.Tensor) -> torch.Tensor | None:
-        block_m, block_n, block_k, warps, stages = TILES[tile]
-        stats = None
-        if out_stats == PER_CHANNEL:
-            stats = torch.zeros(len(out_lengths), c_out, 2, dtype=torch.float32, device=device)
-        elif out_stats == PER_ROW:
-            stats = torch.zeros(out_packed.rows, 2, dtype=torch.float32, device=device)
-        norm = in_norm
-        grid = (table.shape[0], triton.cdiv(c_out // groups, block_n), groups)
-        _conv_kernel[grid](
-            x, weight, bias if bias is not None else weight, residual if residual is not None else out, out, table,
-            seq_info[0], seq_info[1], seq_info[2],
-            norm.stats if norm else x, norm.weight if norm else x, norm.bias if norm else x,
-            stats if stats is not None else x, x.stride(0), out.stride(0), norm.eps if norm else 0.0,
-            C_IN=c_in, C_OUT=c_out, CG_IN=c_in // groups, CG_OUT=c_out // groups, TAPS=taps, STRIDE=stride, PAD=pad,
-            IN_NORM=norm.mode if norm else NONE, IN_GELU=in_gelu, OUT_STATS=out_stats, OUT_GELU=out_gelu,
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-        return stats
-
     if out_packed.rows == 0:
-        return out, out_packed, None
-    names = [n for n, t in TILES.items() if t[1] <= max(64, triton.next_power_of_2(c_out // groups))]
-    shape = (c_in, c_out, taps, stride, pad, groups, row_bucket(out_packed.rows), in_norm.mode if in_norm else 0,
-             in_gelu, out_stats, out_gelu, residual is not None)
+        return out, out_packed
+    device = x.device
+    seq_info = to_device(np.array([packed.starts, packed.lengths, out_packed.starts, out_lengths], dtype=np.int32),
+                         device)
+    norm = out_norm
+    mode = norm.mode if norm is not None else NONE
+    tma = _uses_tma(x, weight, stride, pad, groups, in_split, residual)
+
+    def launch(tile: str, table: torch.Tensor, stats: torch.Tensor | None, stats_only: bool) -> None:
+        common = (seq_info[0], seq_info[1], seq_info[2], seq_info[3], stats if stats is not None else x,
+                  norm.weight if norm else x, norm.bias if norm else x)
+        if tile in TMA_TILES:
+            block_m, block_n, block_k, warps, stages = TMA_TILES[tile]
+            x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
+            w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+            _conv_tma_kernel[(table.shape[0] * triton.cdiv(c_out, block_n),)](
+                x_desc, w_desc, bias if bias is not None else weight, out, table, *common, out.stride(0),
+                norm.eps if norm else 0.0, C_IN=c_in, C_OUT=c_out, TAPS=taps, STRIDE=stride, NORM=mode,
+                STATS_ONLY=stats_only, OUT_GELU=out_gelu, HAS_BIAS=bias is not None, OUT_SPLIT=out_split,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+            return
+        block_m, block_n, block_k, warps, stages = TILES[tile]
+        _conv_kernel[(table.shape[0] * triton.cdiv(c_out // groups, block_n), groups)](
+            x, weight, bias if bias is not None else weight, residual if residual is not None else out, out, table,
+            *common, x.stride(0), out.stride(0), norm.eps if norm else 0.0,
+            C_OUT=c_out, CG_IN=c_in // groups, CG_OUT=c_out // groups, TAPS=taps, STRIDE=stride, PAD=pad,
+            NORM=mode, STATS_ONLY=stats_only, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
+            HAS_RES=residual is not None, IN_SPLIT=in_split, OUT_SPLIT=out_split, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+
+    def run(tile: str, table: torch.Tensor) -> None:
+        stats = None
+        if mode == PER_CHANNEL:
+            stats = torch.zeros(len(out_lengths), c_out, 2, dtype=torch.float32, device=device)
+            launch(tile, table, stats, stats_only=True)
+        launch(tile, table, stats, stats_only=False)
+
     tables: dict[int, torch.Tensor] = {}
 
     def table_for(tile: str) -> torch.Tensor:
-        block_m = TILES[tile][0]
+        block_m = {**TILES, **TMA_TILES}[tile][0]
         if block_m not in tables:
             tables[block_m] = _tile_table(out_lengths, block_m, device)
         return tables[block_m]
 
+    shape = (c_in, c_out, taps, stride, pad, groups, row_bucket(out_packed.rows), mode, out_gelu,
+             residual is not None, in_split, out_split, tma)
+    names = _candidates(c_in, c_out, taps, groups, mode, tma)
     tile = TILE_CACHE.choose("conv1d", shape, names, lambda t: bench_ms(lambda: run(t, table_for(t))), device)
-    return out, out_packed, run(tile, table_for(tile))
+    run(tile, table_for(tile))
+    return out, out_packed
 
 
 def conv1d_reference(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,

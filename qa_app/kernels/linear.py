@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qa_app.kernels import gelu
+from qa_app.kernels import gelu, is_hopper
 from qa_app.kernels.autotune import TILE_CACHE, bench_ms, row_bucket
 from qa_app.kernels.bias_act import bias_act
 
@@ -166,10 +166,14 @@ def tma_ready(*tensors: torch.Tensor | None) -> bool:
 
 def candidates(m: int, device: torch.device, tma: bool, gelu_only: bool = False) -> list[str]:
     """Tiles worth timing for ``m`` rows: none much taller than the problem; cuBLAS where it can run."""
-    bucket = row_bucket(m)
+    return _candidates(row_bucket(m), device, tma, gelu_only)
+
+
+@functools.lru_cache(maxsize=None)  # the hot path asks on every call
+def _candidates(bucket: int, device: torch.device, tma: bool, gelu_only: bool) -> list[str]:
     tiles = [name for name, t in TILES.items() if t[0] <= max(32, bucket)]
     if device.type == "cuda":
-        if tma and torch.cuda.get_device_capability(device)[0] >= 9 and bucket >= 512:
+        if tma and is_hopper(device) and bucket >= 512:
             tiles += list(TMA_TILES)
         tiles.append("cublas")
         if gelu_only:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from qa_app.kernels import conv_gelu
+from qa_app.kernels import to_device
 from qa_app.kernels.attention import attention
-from qa_app.kernels.conv_gelu import PER_CHANNEL, PER_ROW, InputNorm, Packed, conv1d, pack_conv_weight
+from qa_app.kernels.conv_gelu import PER_CHANNEL, PER_ROW, OutputNorm, Packed, conv1d, pack_conv_weight
 from qa_app.kernels.embeddings import embeddings
 from qa_app.kernels.layer_norm import layer_norm
 from qa_app.kernels.linear import linear
@@ -121,7 +121,7 @@ def pack_token_rows(rows: list[dict[str, list[int]]], device: torch.device, toke
         batch["token_type_ids"] = np.zeros(tokens, dtype=np.int64)
         batch["token_type_ids"][:total] = np.concatenate([r["token_type_ids"] for r in rows])
     batch["seq_start"], batch["seq_len"] = starts, seq_len
-    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: to_device(v, device) for k, v in batch.items()}
 
 
 class FastWav2Vec2:
@@ -164,36 +164,26 @@ class FastWav2Vec2:
         self.dtype = dtype
 
     def features(self, samples: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, Packed]:
-        """The convolutional feature encoder: packed samples [total] -> packed features [frames, conv_dim]."""
+        """The convolutional feature encoder: packed samples [total] -> packed features [frames, conv_dim].
+        Each layer stores its output normalised (GroupNorm on layer 0 only, or LayerNorm on every layer) and
+        through GELU, from its GEMM's epilogue; for a stride-2 next layer, even rows first (``out_split``)."""
         x, packed = samples.to(self.dtype).reshape(-1, 1), Packed(list(lengths))
-        stats, last = None, len(self.convs) - 1
+        in_split, last = False, len(self.convs) - 1
         for i, conv in enumerate(self.convs):
-            # The producing layer's epilogue gathers normalisation statistics (GroupNorm: per utterance and
-            # channel, on layer 0 only; LayerNorm: per row, on every layer) and the next layer normalises and
-            # applies GELU while loading: no normalised copy is written.
-            in_norm, in_gelu = None, False
-            if self.norm_mode == "group":
-                if i == 1:
-                    w, b, eps = self.convs[0]["norm"]
-                    in_norm, in_gelu = InputNorm(PER_CHANNEL, stats, w, b, eps), True
-                out_stats, out_gelu = (PER_CHANNEL, False) if i == 0 else (conv_gelu.NONE, True)
-            else:
-                if i > 0:
-                    w, b, eps = self.convs[i - 1]["norm"]
-                    in_norm, in_gelu = InputNorm(PER_ROW, stats, w, b, eps), True
-                out_stats, out_gelu = (PER_ROW if i < last else conv_gelu.NONE), False
-            x, packed, stats = conv1d(x, packed, conv["weight"], conv["bias"], conv["taps"], conv["stride"],
-                                      in_norm=in_norm, in_gelu=in_gelu, out_stats=out_stats, out_gelu=out_gelu)
-        if self.norm_mode == "layer":  # the last layer's own LayerNorm + GELU
-            w, b, eps = self.convs[last]["norm"]
-            x = layer_norm(x, w.to(self.dtype), b.to(self.dtype), eps, gelu=True)
+            norm = None
+            if self.norm_mode == "layer":
+                norm = OutputNorm(PER_ROW, *conv["norm"])
+            elif i == 0:
+                norm = OutputNorm(PER_CHANNEL, *conv["norm"])
+            out_split = i < last and self.convs[i + 1]["stride"] == 2
+            x, packed = conv1d(x, packed, conv["weight"], conv["bias"], conv["taps"], conv["stride"], out_norm=norm,
+                               out_gelu=True, in_split=in_split, out_split=out_split)
+            in_split = out_split
         return x, packed
 
     def __call__(self, samples: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, Packed]:
         """samples: the utterances' 16 kHz samples back to back; lengths: samples per utterance.
         Returns packed last hidden states [frames, hidden] and the frames per utterance."""
-        if len(self.convs) < 2:
-            raise ValueError("fast path needs at least two convolution layers")
         x, packed = self.features(samples, lengths)
         h = linear(layer_norm(x, *self.proj_norm), *self.proj)
         h = conv1d(h, packed, self.pos_w, self.pos_b, self.pos_taps, 1, pad=self.pos_taps // 2,
@@ -201,8 +191,8 @@ class FastWav2Vec2:
         if not self.pre_norm:
             h = layer_norm(h, *self.enc_norm)
         device = h.device
-        starts = torch.tensor(packed.starts, dtype=torch.int64).to(device, non_blocking=True)
-        lens = torch.tensor(packed.lengths, dtype=torch.int64).to(device, non_blocking=True)
+        starts = to_device(np.array(packed.starts, dtype=np.int64), device)
+        lens = to_device(np.array(packed.lengths, dtype=np.int64), device)
         h = self.encoder(h, starts, lens, lens, max(packed.lengths, default=1))
         if self.pre_norm:
             h = layer_norm(h, *self.enc_norm)

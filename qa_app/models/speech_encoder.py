@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
+from qa_app.kernels import to_device
 from qa_app.models.fast_encoders import FastWav2Vec2
 from qa_app.models.loading import ModelNotFoundError, pick_device, resolve_model
 
@@ -200,10 +201,15 @@ class SpeechEncoder:
         return self.model(samples.to(next(self.model.parameters()).dtype), mask)
 
     def _forward_packed(self, waves: list[np.ndarray]):
-        samples = torch.from_numpy(np.concatenate(waves)).to(self.device, non_blocking=True)
+        samples = to_device(np.concatenate(waves), self.device)
         hidden, packed = self.fast(samples, [len(w) for w in waves])  # [frames of all utterances, hidden]
-        lengths = torch.tensor(packed.lengths, device=self.device)
-        mask = torch.arange(max(packed.lengths), device=self.device)[None, :] < lengths[:, None]
-        frames = hidden.new_zeros(len(waves), mask.shape[1], hidden.shape[1])
-        frames[mask] = hidden  # row-major order of the mask is the packing order
-        return self.model.head(frames, mask)
+        # Unpack to [batch, frames, hidden] for the head with indices built on the host: a boolean-mask
+        # assignment would wait for the GPU (nonzero) and stall the next batch's launches behind this one.
+        lengths = np.asarray(packed.lengths)
+        longest = int(lengths.max(initial=1))
+        slots = np.concatenate([i * longest + np.arange(n) for i, n in enumerate(lengths)] + [np.zeros(0, np.int64)])
+        device_info = to_device(np.concatenate([lengths, slots]).astype(np.int64), self.device)
+        mask = torch.arange(longest, device=self.device)[None, :] < device_info[:len(waves), None]
+        frames = hidden.new_zeros(len(waves) * longest, hidden.shape[1])
+        frames.index_copy_(0, device_info[len(waves):], hidden)
+        return self.model.head(frames.view(len(waves), longest, -1), mask)
