@@ -304,27 +304,27 @@ def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Te
     device = x.device
     seq_info = to_device(np.array([packed.starts, packed.lengths, out_packed.starts, out_lengths], dtype=np.int32),
                          device)
-    norm = out_norm
-    mode = norm.mode if norm is not None else NONE
+    mode = out_norm.mode if out_norm is not None else NONE
+    eps = out_norm.eps if out_norm is not None else 0.0
     tma = _uses_tma(x, weight, stride, pad, groups, in_split, residual)
 
     def launch(tile: str, table: torch.Tensor, stats: torch.Tensor | None, stats_only: bool) -> None:
         common = (seq_info[0], seq_info[1], seq_info[2], seq_info[3], stats if stats is not None else x,
-                  norm.weight if norm else x, norm.bias if norm else x)
+                  out_norm.weight if out_norm else x, out_norm.bias if out_norm else x)
         if tile in TMA_TILES:
             block_m, block_n, block_k, warps, stages = TMA_TILES[tile]
             x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
             w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
             _conv_tma_kernel[(table.shape[0] * triton.cdiv(c_out, block_n),)](
                 x_desc, w_desc, bias if bias is not None else weight, out, table, *common, out.stride(0),
-                norm.eps if norm else 0.0, C_IN=c_in, C_OUT=c_out, TAPS=taps, STRIDE=stride, NORM=mode,
+                eps, C_IN=c_in, C_OUT=c_out, TAPS=taps, STRIDE=stride, NORM=mode,
                 STATS_ONLY=stats_only, OUT_GELU=out_gelu, HAS_BIAS=bias is not None, OUT_SPLIT=out_split,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
             return
         block_m, block_n, block_k, warps, stages = TILES[tile]
         _conv_kernel[(table.shape[0] * triton.cdiv(c_out // groups, block_n), groups)](
             x, weight, bias if bias is not None else weight, residual if residual is not None else out, out, table,
-            *common, x.stride(0), out.stride(0), norm.eps if norm else 0.0,
+            *common, x.stride(0), out.stride(0), eps,
             C_OUT=c_out, CG_IN=c_in // groups, CG_OUT=c_out // groups, TAPS=taps, STRIDE=stride, PAD=pad,
             NORM=mode, STATS_ONLY=stats_only, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
             HAS_RES=residual is not None, IN_SPLIT=in_split, OUT_SPLIT=out_split, BLOCK_M=block_m,
@@ -340,7 +340,7 @@ def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Te
     tables: dict[int, torch.Tensor] = {}
 
     def table_for(tile: str) -> torch.Tensor:
-        block_m = {**TILES, **TMA_TILES}[tile][0]
+        block_m = (TMA_TILES.get(tile) or TILES[tile])[0]
         if block_m not in tables:
             tables[block_m] = _tile_table(out_lengths, block_m, device)
         return tables[block_m]
