@@ -88,7 +88,7 @@ def check_kernels() -> None:
     x = h(int(lens.sum()), 384)
     record("mean_pool", "1024 seqs 8-64", rel(mean_pool(x, starts.to(DEV), lens.to(DEV)),
                                             mean_pool_reference(x.float(), starts.to(DEV), lens.to(DEV))), 1e-2)
-    # wav2vec2-base feature encoder layers 0 (GroupNorm + GELU in the epilogue, after a statistics run) and 1
+    # wav2vec2-base feature encoder layers 0 (GroupNorm from the window moments + GELU in the epilogue) and 1
     # (GELU), then a layer with LayerNorm + GELU in its epilogue (the "layer" variant), a positional conv
     seconds = [2.0, 1.3, 3.7, 1.0]
     packed = Packed([int(s * 16000) for s in seconds])

@@ -4,17 +4,21 @@ Sequences are packed channels-last ([rows, channels], utterances back to back, n
 ``t`` of an utterance reads the ``taps`` input rows from ``t * stride - pad`` (rows outside the utterance
 read as zeros), so the GEMM's A tile is loaded straight from the previous layer's output, one tap's channels
 at a time as contiguous vectors, and no im2col buffer exists. Output tiles never straddle two utterances
-(a host-built tile table), so a tile's statistics belong to one utterance.
+(a host-built tile table).
 
 Each layer writes its output already normalised and activated, so the next layer's loads are a plain GEMM
 operand (normalising on load, as an earlier version did, put fp32 arithmetic between the loads and the tensor
 cores and redid it for every block of output channels: slower than cuDNN's three passes):
 - LayerNorm over channels (``PER_ROW``, wav2vec2's "layer" variant, every layer): one tile covers all of a
   row's output channels, and the epilogue normalises the fp32 accumulators before the store;
-- GroupNorm with one group per channel (``PER_CHANNEL``, wav2vec2-base's first layer): the statistics span
-  the whole utterance, so the layer runs twice, first only summing its fp32 results per utterance and channel
-  (nothing stored), then again normalising in the epilogue. Recomputing is cheaper than a stored raw copy:
-  that layer has one input channel (K = 10) and its output is the largest tensor of the encoder.
+- GroupNorm with one group per channel (``PER_CHANNEL``, wav2vec2-base's first layer, one input channel):
+  its statistics span the whole utterance, but channel c's output is ``w_c . window + b_c`` over the
+  ``taps`` input samples each row reads, so its mean and second moment follow from the mean and second-moment
+  matrix of those windows (taps x taps numbers per utterance): a small kernel sums them from the raw audio,
+  and the layer itself runs once, normalising in its epilogue. (An earlier version ran the layer twice, first
+  only summing its outputs: the largest layer of the encoder, computed twice.)
+The first layer (one input channel, K = taps = 10) has its own kernel: its ten taps are one K block, and its
+cost is the GELU of the encoder's largest output (512 channels at 3.2 kHz), on the CUDA cores.
 The same kernel, with groups and padding, runs the grouped positional convolution of the transformer (GELU
 and the residual add fused in its epilogue).
 """
@@ -50,6 +54,17 @@ TILES = {
     "64x512x16w8s2": (64, 512, 16, 8, 2),
     "64x256x16w4s2": (64, 256, 16, 4, 2),
 }
+# one-input-channel kernel: (BLOCK_M, BLOCK_N, num_warps)
+FIRST_TILES = {
+    "first64x64w4": (64, 64, 4),
+    "first128x64w4": (128, 64, 4),
+    "first64x128w4": (64, 128, 4),
+    "first128x128w8": (128, 128, 8),
+    "first32x256w4": (32, 256, 4),
+    "first64x256w8": (64, 256, 8),
+    "first32x512w8": (32, 512, 8),
+}
+MOMENT_SPLITS = 16  # programs per utterance summing window moments (a fixed grid: CUDA-graph friendly)
 # TMA kernel, sm_90+: same fields
 TMA_TILES = {
     "tma128x128x64w8s4": (128, 128, 64, 8, 4),
@@ -62,40 +77,30 @@ TMA_TILES = {
 
 
 @triton.jit
-def _epilogue(acc, seq, ts, t_ok, ns, n_ok, co, out_start, bias_ptr, res_ptr, out_ptr, out_len_ptr, stats_ptr,
-              gamma_ptr, beta_ptr, stride_o, eps, C_OUT: tl.constexpr, NORM: tl.constexpr, STATS_ONLY: tl.constexpr,
-              OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_SPLIT: tl.constexpr):
-    """Bias, then GroupNorm statistics only, or norm + GELU (+ residual) and the store of output rows ``ts``."""
+def _epilogue(acc, seq, ts, t_ok, ns, n_ok, co, out_start, bias_ptr, res_ptr, out_ptr, out_len_ptr, affine_ptr,
+              gamma_ptr, beta_ptr, stride_o, eps, C_OUT: tl.constexpr, NORM: tl.constexpr, OUT_GELU: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_SPLIT: tl.constexpr):
+    """Bias, norm, GELU (+ residual) and the store of output rows ``ts``."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     mask = t_ok[:, None] & n_ok[None, :]
     out_len = tl.load(out_len_ptr + seq)
-    if STATS_ONLY:  # GroupNorm's first run: per utterance and channel sums, nothing stored
-        kept = tl.where(mask, acc, 0.0)
-        tl.atomic_add(stats_ptr + (seq * C_OUT + co) * 2, tl.sum(kept, axis=0), mask=n_ok)
-        tl.atomic_add(stats_ptr + (seq * C_OUT + co) * 2 + 1, tl.sum(kept * kept, axis=0), mask=n_ok)
+    if NORM == 1:  # GroupNorm, one group per channel: this utterance's scale and shift per channel
+        scale = tl.load(affine_ptr + (seq * C_OUT + co) * 2, mask=n_ok, other=0.0)
+        shift = tl.load(affine_ptr + (seq * C_OUT + co) * 2 + 1, mask=n_ok, other=0.0)
+        acc = acc * scale[None, :] + shift[None, :]
+    if NORM == 2:  # LayerNorm over the row's channels, all inside this tile
+        acc = normalize_rows(tl.where(mask, acc, 0.0), mask, ns, gamma_ptr, beta_ptr, C_OUT, eps)
+    if OUT_GELU:
+        acc = gelu(acc)
+    if OUT_SPLIT:  # even rows first, then odd rows: each tap of a stride-2 consumer reads a row block
+        rows = out_start + tl.where(ts % 2 == 0, ts // 2, (out_len + 1) // 2 + ts // 2)
     else:
-        if NORM == 1:  # GroupNorm, one group per channel, from the first run's sums
-            n = tl.maximum(out_len, 1).to(tl.float32)
-            s = tl.load(stats_ptr + (seq * C_OUT + co) * 2, mask=n_ok, other=0.0)
-            ss = tl.load(stats_ptr + (seq * C_OUT + co) * 2 + 1, mask=n_ok, other=0.0)
-            mean = s / n
-            rstd = 1.0 / tl.sqrt(tl.maximum(ss / n - mean * mean, 0.0) + eps)
-            gamma = tl.load(gamma_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
-            beta = tl.load(beta_ptr + co, mask=n_ok, other=0.0).to(tl.float32)
-            acc = (acc - mean[None, :]) * (rstd * gamma)[None, :] + beta[None, :]
-        if NORM == 2:  # LayerNorm over the row's channels, all inside this tile
-            acc = normalize_rows(tl.where(mask, acc, 0.0), mask, ns, gamma_ptr, beta_ptr, C_OUT, eps)
-        if OUT_GELU:
-            acc = gelu(acc)
-        if OUT_SPLIT:  # even rows first, then odd rows: each tap of a stride-2 consumer reads a row block
-            rows = out_start + tl.where(ts % 2 == 0, ts // 2, (out_len + 1) // 2 + ts // 2)
-        else:
-            rows = out_start + ts
-        offsets = rows[:, None] * stride_o + co[None, :]
-        if HAS_RES:
-            acc += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        rows = out_start + ts
+    offsets = rows[:, None] * stride_o + co[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -112,12 +117,97 @@ def _tile_rows(tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr, N_BLOCKS: tl.
 
 
 @triton.jit
+def _window_moments_kernel(x_ptr, in_start_ptr, out_len_ptr, part_ptr, stride_x, TAPS: tl.constexpr,
+                           STRIDE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Over one of SPLITS row ranges of an utterance: the sum of the input windows its output rows read (row
+    t: samples t * STRIDE .. + TAPS) and of their outer products, in fp32, stored as partial sums."""
+    seq, split = tl.program_id(0), tl.program_id(1)
+    n = tl.load(out_len_ptr + seq)
+    in_start = tl.load(in_start_ptr + seq).to(tl.int64)
+    chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_T) * BLOCK_T
+    ks = tl.arange(0, BLOCK_K)
+    s1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float32)
+    for t0 in range(split * chunk, tl.minimum(n, (split + 1) * chunk), BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        ok = (ts < n)[:, None] & (ks < TAPS)[None, :]
+        win = tl.load(x_ptr + (in_start + ts[:, None] * STRIDE + ks[None, :]) * stride_x, mask=ok,
+                      other=0.0).to(tl.float32)
+        s1 += tl.sum(win, axis=0)
+        s2 += tl.dot(tl.trans(win), win, input_precision="ieee")
+    part = part_ptr + (seq * SPLITS + split) * (BLOCK_K + BLOCK_K * BLOCK_K)
+    tl.store(part + ks, s1)
+    tl.store(part + BLOCK_K + ks[:, None] * BLOCK_K + ks[None, :], s2)
+
+
+@triton.jit
+def _group_norm_affine_kernel(part_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, out_len_ptr, affine_ptr, eps,
+                              C_OUT: tl.constexpr, TAPS: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One utterance's GroupNorm scale and shift per channel from its window moments: channel c's output is
+    ``w_c . window + b_c``, so its mean is ``w_c . E[window] + b_c`` and its variance
+    ``w_c^T E[window window^T] w_c - (w_c . E[window])^2``; the partial sums are added in a fixed order (the
+    same bits whatever else is in the batch)."""
+    seq = tl.program_id(0)
+    n = tl.maximum(tl.load(out_len_ptr + seq), 1).to(tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    s1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float32)
+    for split in range(SPLITS):
+        part = part_ptr + (seq * SPLITS + split) * (BLOCK_K + BLOCK_K * BLOCK_K)
+        s1 += tl.load(part + ks)
+        s2 += tl.load(part + BLOCK_K + ks[:, None] * BLOCK_K + ks[None, :])
+    m1, m2 = s1 / n, s2 / n
+    for c0 in range(0, C_OUT, BLOCK_N):
+        cs = c0 + tl.arange(0, BLOCK_N)
+        c_ok = cs < C_OUT
+        w = tl.load(w_ptr + cs[:, None] * TAPS + ks[None, :], mask=c_ok[:, None] & (ks < TAPS)[None, :],
+                    other=0.0).to(tl.float32)
+        mean = tl.sum(w * m1[None, :], axis=1)
+        var = tl.maximum(tl.sum(tl.dot(w, m2, input_precision="ieee") * w, axis=1) - mean * mean, 0.0)
+        if HAS_BIAS:
+            mean += tl.load(bias_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)
+        scale = tl.load(gamma_ptr + cs, mask=c_ok, other=0.0).to(tl.float32) / tl.sqrt(var + eps)
+        shift = tl.load(beta_ptr + cs, mask=c_ok, other=0.0).to(tl.float32) - mean * scale
+        tl.store(affine_ptr + (seq * C_OUT + cs) * 2, scale, mask=c_ok)
+        tl.store(affine_ptr + (seq * C_OUT + cs) * 2 + 1, shift, mask=c_ok)
+
+
+@triton.jit
+def _first_conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
+                       out_len_ptr, affine_ptr, gamma_ptr, beta_ptr, stride_x, stride_o, eps, C_OUT: tl.constexpr,
+                       TAPS: tl.constexpr, STRIDE: tl.constexpr, NORM: tl.constexpr, OUT_GELU: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, OUT_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """One input channel, no padding (raw audio into wav2vec2's first layer): each output row's taps are
+    gathered as one K block (taps <= 16 in one, padded with zeros) for the tensor cores, which leaves the CUDA
+    cores to the epilogue's GELU, this layer's real cost (measured on the H100: taps as fp32 FMAs instead took
+    1.4x as long)."""
+    N_BLOCKS: tl.constexpr = (C_OUT + BLOCK_N - 1) // BLOCK_N
+    pid_n, seq, t0, t1, in_start, in_len, out_start = _tile_rows(tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
+                                                                 N_BLOCKS)
+    ts = t0 + tl.arange(0, BLOCK_M)
+    t_ok = ts < t1
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = ns < C_OUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.static_range(0, TAPS, 16):
+        ks = k0 + tl.arange(0, 16)
+        a = tl.load(x_ptr + (in_start + ts[:, None] * STRIDE + ks[None, :]) * stride_x,
+                    mask=t_ok[:, None] & (ks < TAPS)[None, :], other=0.0)
+        b = tl.load(w_ptr + ns[None, :] * TAPS + ks[:, None], mask=(ks < TAPS)[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+    _epilogue(acc, seq, ts, t_ok, ns, n_ok, ns, out_start, bias_ptr, out_ptr, out_ptr, out_len_ptr, affine_ptr,
+              gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, False, OUT_SPLIT)
+
+
+@triton.jit
 def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
-                 out_len_ptr, stats_ptr, gamma_ptr, beta_ptr, stride_x, stride_o, eps,
+                 out_len_ptr, gamma_ptr, beta_ptr, stride_x, stride_o, eps,
                  C_OUT: tl.constexpr, CG_IN: tl.constexpr, CG_OUT: tl.constexpr, TAPS: tl.constexpr,
-                 STRIDE: tl.constexpr, PAD: tl.constexpr, NORM: tl.constexpr, STATS_ONLY: tl.constexpr,
-                 OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IN_SPLIT: tl.constexpr,
-                 OUT_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 STRIDE: tl.constexpr, PAD: tl.constexpr, NORM: tl.constexpr, OUT_GELU: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IN_SPLIT: tl.constexpr, OUT_SPLIT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pointer-based tiles: any GPU, the interpreter, grouped and padded convolutions."""
     # Output-channel blocks vary fastest, so the blocks sharing an A tile run together and read it from L2.
     N_BLOCKS: tl.constexpr = (CG_OUT + BLOCK_N - 1) // BLOCK_N
@@ -133,49 +223,34 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, tiles_ptr, in_start_p
     K_TOTAL: tl.constexpr = TAPS * CG_IN
     CG_PAD: tl.constexpr = (CG_IN + BLOCK_K - 1) // BLOCK_K * BLOCK_K  # a tap's channels, in whole K blocks
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if CG_IN == 1:
-        # One input channel (raw audio): a K block spans BLOCK_K taps, gathered element by element, so the
-        # first layer's ten taps are one block, not ten nearly empty ones.
-        for k0 in range(0, TAPS, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            rows = first_row[:, None] + ks[None, :]
-            a_ok = t_ok[:, None] & (ks < TAPS)[None, :] & (rows >= 0) & (rows < in_len)
-            if IN_SPLIT:
-                rows = tl.where(rows % 2 == 0, rows // 2, (in_len + 1) // 2 + rows // 2)
-            a = tl.load(x_ptr + (in_start + rows) * stride_x + group, mask=a_ok, other=0.0)
-            b = tl.load(w_ptr + co[None, :] * K_TOTAL + ks[:, None], mask=(ks < TAPS)[:, None] & n_ok[None, :],
-                        other=0.0)
-            acc = tl.dot(a, b, acc)
-    else:
-        for k0 in range(0, TAPS * CG_PAD, BLOCK_K):
-            # A K block lies inside one tap: each row's slice is contiguous channels (vector loads), and row
-            # validity (the utterance's edges, the padding) is per row.
-            tap = k0 // CG_PAD
-            c = k0 % CG_PAD + tl.arange(0, BLOCK_K)
-            rows = first_row + tap
-            row_ok = t_ok & (rows >= 0) & (rows < in_len)
-            if IN_SPLIT:  # the input is stored even rows first, then odd rows
-                rows = tl.where(rows % 2 == 0, rows // 2, (in_len + 1) // 2 + rows // 2)
-            if CG_IN % BLOCK_K == 0:
-                a_ok = row_ok[:, None]
-                b_ok = n_ok[None, :]
-            else:  # the tap's last block is partly past its channels
-                a_ok = row_ok[:, None] & (c < CG_IN)[None, :]
-                b_ok = (c < CG_IN)[:, None] & n_ok[None, :]
-            a = tl.load(x_ptr + ((in_start + rows) * stride_x)[:, None] + (group * CG_IN + c)[None, :], mask=a_ok,
-                        other=0.0)
-            b = tl.load(w_ptr + co[None, :] * K_TOTAL + (tap * CG_IN + c)[:, None], mask=b_ok, other=0.0)
-            acc = tl.dot(a, b, acc)
-    _epilogue(acc, seq, ts, t_ok, ns, n_ok, co, out_start, bias_ptr, res_ptr, out_ptr, out_len_ptr, stats_ptr,
-              gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, STATS_ONLY, OUT_GELU, HAS_BIAS, HAS_RES, OUT_SPLIT)
+    for k0 in range(0, TAPS * CG_PAD, BLOCK_K):
+        # A K block lies inside one tap: each row's slice is contiguous channels (vector loads), and row
+        # validity (the utterance's edges, the padding) is per row.
+        tap = k0 // CG_PAD
+        c = k0 % CG_PAD + tl.arange(0, BLOCK_K)
+        rows = first_row + tap
+        row_ok = t_ok & (rows >= 0) & (rows < in_len)
+        if IN_SPLIT:  # the input is stored even rows first, then odd rows
+            rows = tl.where(rows % 2 == 0, rows // 2, (in_len + 1) // 2 + rows // 2)
+        if CG_IN % BLOCK_K == 0:
+            a_ok = row_ok[:, None]
+            b_ok = n_ok[None, :]
+        else:  # the tap's last block is partly past its channels
+            a_ok = row_ok[:, None] & (c < CG_IN)[None, :]
+            b_ok = (c < CG_IN)[:, None] & n_ok[None, :]
+        a = tl.load(x_ptr + ((in_start + rows) * stride_x)[:, None] + (group * CG_IN + c)[None, :], mask=a_ok,
+                    other=0.0)
+        b = tl.load(w_ptr + co[None, :] * K_TOTAL + (tap * CG_IN + c)[:, None], mask=b_ok, other=0.0)
+        acc = tl.dot(a, b, acc)
+    _epilogue(acc, seq, ts, t_ok, ns, n_ok, co, out_start, bias_ptr, res_ptr, out_ptr, out_len_ptr, out_ptr,
+              gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, HAS_RES, OUT_SPLIT)
 
 
 @triton.jit
 def _conv_tma_kernel(x_desc, w_desc, bias_ptr, out_ptr, tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
-                     out_len_ptr, stats_ptr, gamma_ptr, beta_ptr, stride_o, eps,
+                     out_len_ptr, gamma_ptr, beta_ptr, stride_o, eps,
                      C_IN: tl.constexpr, C_OUT: tl.constexpr, TAPS: tl.constexpr, STRIDE: tl.constexpr,
-                     NORM: tl.constexpr, STATS_ONLY: tl.constexpr, OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     OUT_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     NORM: tl.constexpr, OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Hopper: every tap's A tile is one block of consecutive input rows (stride 1, or stride 2 over an input
     stored even rows first), so the copy engine moves it (TMA) and the K loop pipelines like a plain GEMM's.
     Rows past the utterance's end read its neighbour's rows: they feed only output rows past ``t1``, which are
@@ -197,8 +272,7 @@ def _conv_tma_kernel(x_desc, w_desc, bias_ptr, out_ptr, tiles_ptr, in_start_ptr,
     ts = t0 + tl.arange(0, BLOCK_M)
     ns = n0 + tl.arange(0, BLOCK_N)
     _epilogue(acc, seq, ts, ts < t1, ns, ns < C_OUT, ns, out_start, bias_ptr, out_ptr, out_ptr, out_len_ptr,
-              stats_ptr, gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, STATS_ONLY, OUT_GELU, HAS_BIAS, False,
-              OUT_SPLIT)
+              out_ptr, gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, False, OUT_SPLIT)
 
 
 @dataclass
@@ -252,31 +326,57 @@ def _tile_table(out_lengths: list[int], block_m: int, device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)  # the hot path asks every call; the answer depends on these only
-def _candidates(c_in: int, c_out: int, taps: int, groups: int, norm_mode: int, tma: bool) -> list[str]:
-    """Tiles worth timing: K blocks no wider than a tap's channels need (TMA tiles: dividing them); for
-    LayerNorm in the epilogue, the narrowest tiles that hold a whole row of output channels."""
+def _candidates(c_in: int, c_out: int, groups: int, norm_mode: int, kernel: str) -> list[str]:
+    """Tiles worth timing for ``kernel`` ("first", "tma" or "pointer"): K blocks no wider than a tap's channels
+    need (TMA tiles: dividing them); for LayerNorm in the epilogue, the narrowest tiles that hold a whole row
+    of output channels."""
     cg_in = c_in // groups
-    widest_k = max(16, next_power_of_2(taps if cg_in == 1 else cg_in))
-    tiles = {**TILES, **(TMA_TILES if tma else {})}
+    tiles = FIRST_TILES if kernel == "first" else {**TILES, **(TMA_TILES if kernel == "tma" else {})}
     if norm_mode == PER_ROW:
         widths = sorted({t[1] for t in tiles.values() if t[1] >= c_out})
         if groups != 1 or not widths:
-            raise ValueError(f"LayerNorm epilogue needs groups=1 and <= {max(t[1] for t in TILES.values())} "
+            raise ValueError(f"LayerNorm epilogue needs groups=1 and <= {max(t[1] for t in tiles.values())} "
                              f"channels, got groups={groups}, {c_out} channels")
         fits = lambda n: n == widths[0]  # noqa: E731
     else:
         fits = lambda n: n <= max(64, next_power_of_2(c_out // groups))  # noqa: E731
+    if kernel == "first":
+        return [name for name, (_, n, _) in tiles.items() if fits(n)]
+    widest_k = max(16, next_power_of_2(cg_in))
     return [name for name, (_, n, k, _, _) in tiles.items()
             if fits(n) and k <= widest_k and (name in TILES or cg_in % k == 0)]
 
 
-def _uses_tma(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, groups: int, in_split: bool,
-              residual: torch.Tensor | None) -> bool:
-    """The TMA kernel needs each tap's rows consecutive (stride 1, or 2 over a split input), no padding or
-    groups, 16-byte aligned rows, and a Hopper (or newer) GPU."""
-    return (is_hopper(x.device) and pad == 0
-            and groups == 1 and residual is None and (stride == 1 or (stride == 2 and in_split))
-            and x.shape[1] % 16 == 0 and tma_ready(x, weight))
+def _kernel_for(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, groups: int, in_split: bool,
+                residual: torch.Tensor | None) -> str:
+    """"first": one input channel, no padding, groups, split input or residual (raw audio). "tma": each tap's
+    rows consecutive (stride 1, or 2 over a split input), no padding or groups, 16-byte aligned rows, a Hopper
+    (or newer) GPU. "pointer": anything else."""
+    if x.shape[1] == 1 and groups == 1 and pad == 0 and not in_split and residual is None:
+        return "first"
+    if (is_hopper(x.device) and pad == 0 and groups == 1 and residual is None
+            and (stride == 1 or (stride == 2 and in_split)) and x.shape[1] % 16 == 0 and tma_ready(x, weight)):
+        return "tma"
+    return "pointer"
+
+
+def _group_norm_affine(x: torch.Tensor, seq_info: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       norm: OutputNorm, taps: int, stride: int) -> torch.Tensor:
+    """[utterances, C_out, 2] fp32: per utterance and channel, the scale and shift of a one-input-channel
+    layer's GroupNorm (see ``_group_norm_affine_kernel``)."""
+    utterances, c_out = seq_info.shape[1], weight.shape[0]
+    block_k = max(16, next_power_of_2(taps))
+    parts = torch.empty(utterances, MOMENT_SPLITS, block_k + block_k * block_k, dtype=torch.float32,
+                        device=x.device)
+    _window_moments_kernel[(utterances, MOMENT_SPLITS)](x, seq_info[0], seq_info[3], parts, x.stride(0), TAPS=taps,
+                                                        STRIDE=stride, SPLITS=MOMENT_SPLITS, BLOCK_T=128,
+                                                        BLOCK_K=block_k)
+    affine = torch.empty(utterances, c_out, 2, dtype=torch.float32, device=x.device)
+    _group_norm_affine_kernel[(utterances,)](parts, weight, bias if bias is not None else weight, norm.weight,
+                                             norm.bias, seq_info[3], affine, norm.eps, C_OUT=c_out, TAPS=taps,
+                                             SPLITS=MOMENT_SPLITS, HAS_BIAS=bias is not None, BLOCK_K=block_k,
+                                             BLOCK_N=64)
+    return affine
 
 
 def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Tensor | None, taps: int,
@@ -288,12 +388,18 @@ def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Te
     x: [packed.rows, C_in] channels-last; weight: ``pack_conv_weight`` of the Conv1d weight.
     ``out_split`` stores each utterance's output rows even rows first, then odd rows (for a next layer of
     stride 2, which reads it with ``in_split``): then every tap of that layer reads a block of consecutive
-    rows, which the copy engine can move. Returns out [sum(out_lengths), C_out] and its Packed.
+    rows, which the copy engine can move. GroupNorm (``PER_CHANNEL``) needs the first-layer shape: one input
+    channel, no padding, groups, split input or residual. Returns out [sum(out_lengths), C_out] and its Packed.
     """
     if in_split and (stride != 2 or pad != 0):
         raise ValueError("a split input is read by stride-2 layers without padding only")
     if out_split and residual is not None:
         raise ValueError("a residual is added in natural row order: no split output")
+    kernel = _kernel_for(x, weight, stride, pad, groups, in_split, residual)
+    mode = out_norm.mode if out_norm is not None else NONE
+    if mode == PER_CHANNEL and kernel != "first":
+        raise ValueError("the GroupNorm epilogue needs one input channel and no padding, groups, split input "
+                         "or residual (wav2vec2's first layer)")
     c_in = x.shape[1]
     c_out = weight.shape[0]
     out_lengths = out_lengths or conv_output_lengths(packed.lengths, taps, stride, pad)
@@ -304,50 +410,47 @@ def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Te
     device = x.device
     seq_info = to_device(np.array([packed.starts, packed.lengths, out_packed.starts, out_lengths], dtype=np.int32),
                          device)
-    mode = out_norm.mode if out_norm is not None else NONE
     eps = out_norm.eps if out_norm is not None else 0.0
-    tma = _uses_tma(x, weight, stride, pad, groups, in_split, residual)
+    gamma, beta = (out_norm.weight, out_norm.bias) if out_norm is not None else (x, x)
+    affine = _group_norm_affine(x, seq_info, weight, bias, out_norm, taps, stride) if mode == PER_CHANNEL else x
+    bias_arg = bias if bias is not None else weight
 
-    def launch(tile: str, table: torch.Tensor, stats: torch.Tensor | None, stats_only: bool) -> None:
-        common = (seq_info[0], seq_info[1], seq_info[2], seq_info[3], stats if stats is not None else x,
-                  out_norm.weight if out_norm else x, out_norm.bias if out_norm else x)
-        if tile in TMA_TILES:
+    def run(tile: str, table: torch.Tensor) -> None:
+        if tile in FIRST_TILES:
+            block_m, block_n, warps = FIRST_TILES[tile]
+            _first_conv_kernel[(table.shape[0] * triton.cdiv(c_out, block_n),)](
+                x, weight, bias_arg, out, table, *seq_info, affine, gamma, beta, x.stride(0), out.stride(0), eps,
+                C_OUT=c_out, TAPS=taps, STRIDE=stride, NORM=mode, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
+                OUT_SPLIT=out_split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        elif tile in TMA_TILES:
             block_m, block_n, block_k, warps, stages = TMA_TILES[tile]
             x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
             w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
             _conv_tma_kernel[(table.shape[0] * triton.cdiv(c_out, block_n),)](
-                x_desc, w_desc, bias if bias is not None else weight, out, table, *common, out.stride(0),
-                eps, C_IN=c_in, C_OUT=c_out, TAPS=taps, STRIDE=stride, NORM=mode,
-                STATS_ONLY=stats_only, OUT_GELU=out_gelu, HAS_BIAS=bias is not None, OUT_SPLIT=out_split,
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-            return
-        block_m, block_n, block_k, warps, stages = TILES[tile]
-        _conv_kernel[(table.shape[0] * triton.cdiv(c_out // groups, block_n), groups)](
-            x, weight, bias if bias is not None else weight, residual if residual is not None else out, out, table,
-            *common, x.stride(0), out.stride(0), eps,
-            C_OUT=c_out, CG_IN=c_in // groups, CG_OUT=c_out // groups, TAPS=taps, STRIDE=stride, PAD=pad,
-            NORM=mode, STATS_ONLY=stats_only, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
-            HAS_RES=residual is not None, IN_SPLIT=in_split, OUT_SPLIT=out_split, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-
-    def run(tile: str, table: torch.Tensor) -> None:
-        stats = None
-        if mode == PER_CHANNEL:
-            stats = torch.zeros(len(out_lengths), c_out, 2, dtype=torch.float32, device=device)
-            launch(tile, table, stats, stats_only=True)
-        launch(tile, table, stats, stats_only=False)
+                x_desc, w_desc, bias_arg, out, table, *seq_info, gamma, beta, out.stride(0), eps, C_IN=c_in,
+                C_OUT=c_out, TAPS=taps, STRIDE=stride, NORM=mode, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
+                OUT_SPLIT=out_split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                num_stages=stages)
+        else:
+            block_m, block_n, block_k, warps, stages = TILES[tile]
+            _conv_kernel[(table.shape[0] * triton.cdiv(c_out // groups, block_n), groups)](
+                x, weight, bias_arg, residual if residual is not None else out, out, table, *seq_info, gamma, beta,
+                x.stride(0), out.stride(0), eps, C_OUT=c_out, CG_IN=c_in // groups, CG_OUT=c_out // groups,
+                TAPS=taps, STRIDE=stride, PAD=pad, NORM=mode, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
+                HAS_RES=residual is not None, IN_SPLIT=in_split, OUT_SPLIT=out_split, BLOCK_M=block_m,
+                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
     tables: dict[int, torch.Tensor] = {}
 
     def table_for(tile: str) -> torch.Tensor:
-        block_m = (TMA_TILES.get(tile) or TILES[tile])[0]
+        block_m = (FIRST_TILES.get(tile) or TMA_TILES.get(tile) or TILES[tile])[0]
         if block_m not in tables:
             tables[block_m] = _tile_table(out_lengths, block_m, device)
         return tables[block_m]
 
     shape = (c_in, c_out, taps, stride, pad, groups, row_bucket(out_packed.rows), mode, out_gelu,
-             residual is not None, in_split, out_split, tma)
-    names = _candidates(c_in, c_out, taps, groups, mode, tma)
+             residual is not None, in_split, out_split, kernel)
+    names = _candidates(c_in, c_out, groups, mode, kernel)
     tile = TILE_CACHE.choose("conv1d", shape, names, lambda t: bench_ms(lambda: run(t, table_for(t))), device)
     run(tile, table_for(tile))
     return out, out_packed

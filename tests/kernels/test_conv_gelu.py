@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from qa_app.kernels import conv_gelu
-from qa_app.kernels.conv_gelu import (PER_CHANNEL, PER_ROW, TILES, OutputNorm, Packed, conv1d, conv1d_reference,
-                                      conv_output_lengths, pack_conv_weight)
+from qa_app.kernels.conv_gelu import (FIRST_TILES, PER_CHANNEL, PER_ROW, TILES, OutputNorm, Packed, conv1d,
+                                      conv1d_reference, conv_output_lengths, pack_conv_weight)
 
 EPS = 1e-5
 LENS = [355, 60, 131]  # samples: 70, 11 and 25 frames after the first layer (taps 10, stride 5)
@@ -22,7 +22,7 @@ def tiles_used(monkeypatch):
 
     def spy(kernel, shape, candidates, time_ms, device):
         name = choose(kernel, shape, candidates, time_ms, device)
-        used.append(TILES[name])
+        used.append(FIRST_TILES.get(name) or TILES[name])
         return name
 
     monkeypatch.setattr(conv_gelu.TILE_CACHE, "choose", spy)
@@ -73,22 +73,41 @@ def test_conv_matches_reference(close):
 
 @pytest.mark.parametrize("channels,whole_blocks", [(24, False), (64, True)])
 def test_group_norm_chain(close, tiles_used, channels, whole_blocks):
-    """wav2vec2-base's feature encoder start: layer 0 (one input channel: its ten taps gathered as one K block)
-    applies the GroupNorm (one group per channel, per utterance: a first run sums, its 70 frames over two
-    64-row tiles whose sums must add up) and GELU; layer 1 a plain GEMM with GELU. Channels 24 take layer
-    1's partly masked K-block path, 64 whole blocks."""
-    w0, _, w1, b1, gamma, beta = _layers(channels)
+    """wav2vec2-base's feature encoder start: layer 0 (one input channel) applies the GroupNorm (one group per
+    channel, per utterance, its statistics derived from the moments of the input windows) and GELU; layer 1 a
+    plain GEMM with GELU. Channels 24 take layer 1's partly masked K-block path, 64 whole blocks."""
+    w0, b0, w1, b1, gamma, beta = _layers(channels)
     packed = Packed(LENS)
     x = torch.randn(packed.rows, 1)
-    h0, p0 = conv1d(x, packed, pack_conv_weight(w0), None, 10, 5, out_norm=OutputNorm(PER_CHANNEL, gamma, beta, EPS),
+    h0, p0 = conv1d(x, packed, pack_conv_weight(w0), b0, 10, 5, out_norm=OutputNorm(PER_CHANNEL, gamma, beta, EPS),
                     out_gelu=True)
-    ref0 = _per_utterance(x, packed, lambda a: F.gelu(F.group_norm(F.conv1d(a, w0, None, 5), channels, gamma, beta,
+    ref0 = _per_utterance(x, packed, lambda a: F.gelu(F.group_norm(F.conv1d(a, w0, b0, 5), channels, gamma, beta,
                                                                    EPS)))
     close(h0, ref0)
     h1, p1 = conv1d(h0, p0, pack_conv_weight(w1), b1, 3, 2, out_gelu=True)
     assert p1.lengths == [34, 5, 12]
     _check_path(tiles_used[-1], channels, whole_blocks)
     close(h1, _per_utterance(ref0, p0, lambda a: F.gelu(F.conv1d(a, w1, b1, 2))))
+
+
+def test_group_norm_long_utterance(close):
+    """An utterance long enough that its window moments are summed by every split program over several row
+    blocks each (7,999 frames), next to a short one, against ``F.group_norm``; a DC offset in the audio must not
+    leak through the variance."""
+    w0, b0, _, _, gamma, beta = _layers(16)
+    packed = Packed([40000, 355])
+    x = torch.randn(packed.rows, 1) * 0.5 + 0.3
+    out, out_packed = conv1d(x, packed, pack_conv_weight(w0), b0, 10, 5,
+                             out_norm=OutputNorm(PER_CHANNEL, gamma, beta, EPS))
+    assert out_packed.lengths == [7999, 70]
+    close(out, _per_utterance(x, packed, lambda a: F.group_norm(F.conv1d(a, w0, b0, 5), 16, gamma, beta, EPS)))
+
+
+def test_group_norm_needs_first_layer_shape():
+    """GroupNorm statistics come from the input windows' moments: only for one input channel."""
+    norm = OutputNorm(PER_CHANNEL, torch.ones(8), torch.zeros(8), EPS)
+    with pytest.raises(ValueError, match="one input channel"):
+        conv1d(torch.randn(50, 4), Packed([50]), pack_conv_weight(torch.randn(8, 4, 3)), None, 3, 1, out_norm=norm)
 
 
 @pytest.mark.parametrize("channels,whole_blocks", [(24, False), (64, True)])
