@@ -4,9 +4,10 @@ in one run, on random weights (a speed test: weights do not change the work).
 Shapes: MiniLM-L6 (the bi-encoder and ranker shape) at batch 1 and 1024 x 32 tokens and at mixed lengths
 (uniform 8-64 tokens, batch 1024: our padding-free path vs the same kernels on the padded batch);
 BERT-base batch 256 x 64; wav2vec2-base at batch 1 and 128 x 2 s, mixed 1-4 s, and its feature encoder
-alone (batch 32 x 2 s). Ours is timed eagerly and, for the text encoders, also replayed from a CUDA graph
-(as the server runs them); the baselines run as they are (eager, or compiled with the default mode). Prints a table with ratios and the fraction of
-the fp16 GEMM ceiling reached (useful FLOPs only: padding does not count).
+alone (batch 32 x 2 s). Ours is timed eagerly and replayed from a CUDA graph where the server uses one (text:
+small batches; speech: buckets of up to 256 s of audio, the host's per-call planning and copies included);
+the baselines run as they are (eager, or compiled with the default mode). Prints a table with ratios and the
+fraction of the fp16 GEMM ceiling reached (useful FLOPs only: padding does not count).
 
     python benchmarks/bench_models.py [--skip-compile] [--only minilm,bert,wav2vec2]
 """
@@ -24,7 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_timing import H100_FP16_GEMM_TFLOPS, cuda_ms, graphed, machine, table  # noqa: E402
 
+from qa_app.kernels import to_device
 from qa_app.models.fast_encoders import FastBert, FastWav2Vec2, pack_token_rows
+from qa_app.models.speech_encoder import SpeechGraphs
 
 DEV = torch.device("cuda")
 ROWS: list[list] = []
@@ -142,6 +145,9 @@ def bench_wav2vec2(use_compile: bool) -> None:
             comp(w16)
             times["compile fp16"] = cuda_ms(lambda: comp(w16), iters=20)
         times["ours"] = cuda_ms(lambda: fast(packed, lengths), iters=20)
+        replay = speech_graph(fast, packed, lengths, lambda samples, meta, plan: fast.forward(samples, meta, plan))
+        if replay is not None:
+            times["ours + CUDA graph"] = cuda_ms(replay, iters=20)
         mixed = min(lengths) != max(lengths)
         shape = f"batch {batch} x {'1-4' if mixed else '%g' % seconds[0]} s"
         audio = sum(seconds)
@@ -160,9 +166,30 @@ def bench_wav2vec2(use_compile: bool) -> None:
     if comp_fe is not None:
         comp_fe(w16)
         times["compile fp16"] = cuda_ms(lambda: comp_fe(w16))
-    times["ours"] = cuda_ms(lambda: fast.features(packed, lengths))
+    plan = fast.plan(lengths)
+    times["ours"] = cuda_ms(lambda: fast.features(packed, to_device(plan.meta, DEV), plan))
+    times["ours + CUDA graph"] = cuda_ms(speech_graph(fast, packed, lengths, fast.features))
     fe_flops = wav2vec2_flops(cfg, [2.0] * 32, encoder=False)
     add("wav2vec2-base feature encoder", "batch 32 x 2 s", "ms", times, 1, fe_flops)
+
+
+def speech_graph(fast, packed, lengths, forward):
+    """A timed call as ``SpeechGraphs`` serves a batch: the host plans the lengths for the batch's graph bucket,
+    copies samples and metadata into the graph's inputs and replays ``forward(samples, meta, plan)``; None
+    where no bucket fits (the server runs those eagerly)."""
+    shape = SpeechGraphs.bucket(lengths)
+    if shape is None:
+        return None
+    plan = fast.plan(lengths, *shape)
+    samples = torch.zeros(shape[0] * shape[1], device=DEV)
+    meta = torch.from_numpy(plan.meta).to(DEV)
+    replay = graphed(lambda: forward(samples, meta, plan))
+
+    def call():
+        meta.copy_(to_device(fast.plan(lengths, *shape).meta, DEV))
+        samples[:packed.numel()].copy_(packed)
+        replay()
+    return call
 
 
 @torch.inference_mode()

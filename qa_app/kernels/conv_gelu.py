@@ -3,8 +3,10 @@
 Sequences are packed channels-last ([rows, channels], utterances back to back, no padding): output row
 ``t`` of an utterance reads the ``taps`` input rows from ``t * stride - pad`` (rows outside the utterance
 read as zeros), so the GEMM's A tile is loaded straight from the previous layer's output, one tap's channels
-at a time as contiguous vectors, and no im2col buffer exists. Output tiles never straddle two utterances
-(a host-built tile table).
+at a time as contiguous vectors, and no im2col buffer exists. Output tiles never straddle two utterances:
+each utterance owns ``seq_tiles`` tiles of BLOCK_M rows (enough for the longest; the rest are empty and
+return at once), so no tile table is built on the host, and the launch is the same for any lengths up to
+that longest (a CUDA graph captured for a length bucket replays it with new lengths on the device).
 
 Each layer writes its output already normalised and activated, so the next layer's loads are a plain GEMM
 operand (normalising on load, as an earlier version did, put fp32 arithmetic between the loads and the tensor
@@ -104,12 +106,13 @@ def _epilogue(acc, seq, ts, t_ok, ns, n_ok, co, out_start, bias_ptr, res_ptr, ou
 
 
 @triton.jit
-def _tile_rows(tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr, N_BLOCKS: tl.constexpr):
-    """This program's tile (utterance, output rows t0..t1) and block of output channels."""
+def _tile_rows(seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr, out_len_ptr, BLOCK_M: tl.constexpr,
+               N_BLOCKS: tl.constexpr):
+    """This program's utterance, output rows t0..t1 (t1 <= t0: an empty tile) and block of output channels."""
     tile, pid_n = tl.program_id(0) // N_BLOCKS, tl.program_id(0) % N_BLOCKS
-    seq = tl.load(tiles_ptr + tile * 3)
-    t0 = tl.load(tiles_ptr + tile * 3 + 1)
-    t1 = tl.load(tiles_ptr + tile * 3 + 2)
+    seq = tile // seq_tiles
+    t0 = (tile % seq_tiles) * BLOCK_M
+    t1 = tl.minimum(t0 + BLOCK_M, tl.load(out_len_ptr + seq))
     in_start = tl.load(in_start_ptr + seq).to(tl.int64)
     in_len = tl.load(in_len_ptr + seq)
     out_start = tl.load(out_start_ptr + seq).to(tl.int64)
@@ -174,7 +177,7 @@ def _group_norm_affine_kernel(part_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, ou
 
 
 @triton.jit
-def _first_conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
+def _first_conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr,
                        out_len_ptr, affine_ptr, gamma_ptr, beta_ptr, stride_x, stride_o, eps, C_OUT: tl.constexpr,
                        TAPS: tl.constexpr, STRIDE: tl.constexpr, NORM: tl.constexpr, OUT_GELU: tl.constexpr,
                        HAS_BIAS: tl.constexpr, OUT_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -184,25 +187,26 @@ def _first_conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, tiles_ptr, in_start_ptr,
     cores to the epilogue's GELU, this layer's real cost (measured on the H100: taps as fp32 FMAs instead took
     1.4x as long)."""
     N_BLOCKS: tl.constexpr = (C_OUT + BLOCK_N - 1) // BLOCK_N
-    pid_n, seq, t0, t1, in_start, in_len, out_start = _tile_rows(tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
-                                                                 N_BLOCKS)
-    ts = t0 + tl.arange(0, BLOCK_M)
-    t_ok = ts < t1
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = ns < C_OUT
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.static_range(0, TAPS, 16):
-        ks = k0 + tl.arange(0, 16)
-        a = tl.load(x_ptr + (in_start + ts[:, None] * STRIDE + ks[None, :]) * stride_x,
-                    mask=t_ok[:, None] & (ks < TAPS)[None, :], other=0.0)
-        b = tl.load(w_ptr + ns[None, :] * TAPS + ks[:, None], mask=(ks < TAPS)[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
-    _epilogue(acc, seq, ts, t_ok, ns, n_ok, ns, out_start, bias_ptr, out_ptr, out_ptr, out_len_ptr, affine_ptr,
-              gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, False, OUT_SPLIT)
+    pid_n, seq, t0, t1, in_start, in_len, out_start = _tile_rows(seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr,
+                                                                 out_len_ptr, BLOCK_M, N_BLOCKS)
+    if t0 < t1:  # tiles past the utterance's end are empty
+        ts = t0 + tl.arange(0, BLOCK_M)
+        t_ok = ts < t1
+        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = ns < C_OUT
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in tl.static_range(0, TAPS, 16):
+            ks = k0 + tl.arange(0, 16)
+            a = tl.load(x_ptr + (in_start + ts[:, None] * STRIDE + ks[None, :]) * stride_x,
+                        mask=t_ok[:, None] & (ks < TAPS)[None, :], other=0.0)
+            b = tl.load(w_ptr + ns[None, :] * TAPS + ks[:, None], mask=(ks < TAPS)[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+        _epilogue(acc, seq, ts, t_ok, ns, n_ok, ns, out_start, bias_ptr, out_ptr, out_ptr, out_len_ptr, affine_ptr,
+                  gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, False, OUT_SPLIT)
 
 
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
+def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr,
                  out_len_ptr, gamma_ptr, beta_ptr, stride_x, stride_o, eps,
                  C_OUT: tl.constexpr, CG_IN: tl.constexpr, CG_OUT: tl.constexpr, TAPS: tl.constexpr,
                  STRIDE: tl.constexpr, PAD: tl.constexpr, NORM: tl.constexpr, OUT_GELU: tl.constexpr,
@@ -211,68 +215,71 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, tiles_ptr, in_start_p
     """Pointer-based tiles: any GPU, the interpreter, grouped and padded convolutions."""
     # Output-channel blocks vary fastest, so the blocks sharing an A tile run together and read it from L2.
     N_BLOCKS: tl.constexpr = (CG_OUT + BLOCK_N - 1) // BLOCK_N
-    pid_n, seq, t0, t1, in_start, in_len, out_start = _tile_rows(tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
-                                                                 N_BLOCKS)
-    group = tl.program_id(1)
-    ts = t0 + tl.arange(0, BLOCK_M)
-    t_ok = ts < t1
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = ns < CG_OUT
-    co = group * CG_OUT + ns
-    first_row = ts * STRIDE - PAD  # the utterance's input row under tap 0
-    K_TOTAL: tl.constexpr = TAPS * CG_IN
-    CG_PAD: tl.constexpr = (CG_IN + BLOCK_K - 1) // BLOCK_K * BLOCK_K  # a tap's channels, in whole K blocks
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, TAPS * CG_PAD, BLOCK_K):
-        # A K block lies inside one tap: each row's slice is contiguous channels (vector loads), and row
-        # validity (the utterance's edges, the padding) is per row.
-        tap = k0 // CG_PAD
-        c = k0 % CG_PAD + tl.arange(0, BLOCK_K)
-        rows = first_row + tap
-        row_ok = t_ok & (rows >= 0) & (rows < in_len)
-        if IN_SPLIT:  # the input is stored even rows first, then odd rows
-            rows = tl.where(rows % 2 == 0, rows // 2, (in_len + 1) // 2 + rows // 2)
-        if CG_IN % BLOCK_K == 0:
-            a_ok = row_ok[:, None]
-            b_ok = n_ok[None, :]
-        else:  # the tap's last block is partly past its channels
-            a_ok = row_ok[:, None] & (c < CG_IN)[None, :]
-            b_ok = (c < CG_IN)[:, None] & n_ok[None, :]
-        a = tl.load(x_ptr + ((in_start + rows) * stride_x)[:, None] + (group * CG_IN + c)[None, :], mask=a_ok,
-                    other=0.0)
-        b = tl.load(w_ptr + co[None, :] * K_TOTAL + (tap * CG_IN + c)[:, None], mask=b_ok, other=0.0)
-        acc = tl.dot(a, b, acc)
-    _epilogue(acc, seq, ts, t_ok, ns, n_ok, co, out_start, bias_ptr, res_ptr, out_ptr, out_len_ptr, out_ptr,
-              gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, HAS_RES, OUT_SPLIT)
+    pid_n, seq, t0, t1, in_start, in_len, out_start = _tile_rows(seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr,
+                                                                 out_len_ptr, BLOCK_M, N_BLOCKS)
+    if t0 < t1:  # tiles past the utterance's end are empty
+        group = tl.program_id(1)
+        ts = t0 + tl.arange(0, BLOCK_M)
+        t_ok = ts < t1
+        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = ns < CG_OUT
+        co = group * CG_OUT + ns
+        first_row = ts * STRIDE - PAD  # the utterance's input row under tap 0
+        K_TOTAL: tl.constexpr = TAPS * CG_IN
+        CG_PAD: tl.constexpr = (CG_IN + BLOCK_K - 1) // BLOCK_K * BLOCK_K  # a tap's channels, in whole K blocks
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, TAPS * CG_PAD, BLOCK_K):
+            # A K block lies inside one tap: each row's slice is contiguous channels (vector loads), and row
+            # validity (the utterance's edges, the padding) is per row.
+            tap = k0 // CG_PAD
+            c = k0 % CG_PAD + tl.arange(0, BLOCK_K)
+            rows = first_row + tap
+            row_ok = t_ok & (rows >= 0) & (rows < in_len)
+            if IN_SPLIT:  # the input is stored even rows first, then odd rows
+                rows = tl.where(rows % 2 == 0, rows // 2, (in_len + 1) // 2 + rows // 2)
+            if CG_IN % BLOCK_K == 0:
+                a_ok = row_ok[:, None]
+                b_ok = n_ok[None, :]
+            else:  # the tap's last block is partly past its channels
+                a_ok = row_ok[:, None] & (c < CG_IN)[None, :]
+                b_ok = (c < CG_IN)[:, None] & n_ok[None, :]
+            a = tl.load(x_ptr + ((in_start + rows) * stride_x)[:, None] + (group * CG_IN + c)[None, :], mask=a_ok,
+                        other=0.0)
+            b = tl.load(w_ptr + co[None, :] * K_TOTAL + (tap * CG_IN + c)[:, None], mask=b_ok, other=0.0)
+            acc = tl.dot(a, b, acc)
+        _epilogue(acc, seq, ts, t_ok, ns, n_ok, co, out_start, bias_ptr, res_ptr, out_ptr, out_len_ptr, out_ptr,
+                  gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, HAS_RES, OUT_SPLIT)
 
 
 @triton.jit
-def _conv_tma_kernel(x_desc, w_desc, bias_ptr, out_ptr, tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
+def _conv_tma_kernel(x_desc, w_desc, bias_ptr, out_ptr, seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr,
                      out_len_ptr, gamma_ptr, beta_ptr, stride_o, eps,
                      C_IN: tl.constexpr, C_OUT: tl.constexpr, TAPS: tl.constexpr, STRIDE: tl.constexpr,
-                     NORM: tl.constexpr, OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     NORM: tl.constexpr, OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_SPLIT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Hopper: every tap's A tile is one block of consecutive input rows (stride 1, or stride 2 over an input
     stored even rows first), so the copy engine moves it (TMA) and the K loop pipelines like a plain GEMM's.
     Rows past the utterance's end read its neighbour's rows: they feed only output rows past ``t1``, which are
     neither stored nor counted."""
     N_BLOCKS: tl.constexpr = (C_OUT + BLOCK_N - 1) // BLOCK_N
-    pid_n, seq, t0, t1, in_start, in_len, out_start = _tile_rows(tiles_ptr, in_start_ptr, in_len_ptr, out_start_ptr,
-                                                                 N_BLOCKS)
-    even_rows = (in_len + 1) // 2
-    first = (in_start + t0).to(tl.int32)
-    n0 = pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, TAPS * C_IN, BLOCK_K):
-        tap = k // C_IN
-        if STRIDE == 2:  # tap j of output row t is input row 2t + j: the even (j = 0, 2) or odd (j = 1) half
-            row = first + (tap % 2) * even_rows + tap // 2
-        else:
-            row = first + tap
-        acc = tl.dot(x_desc.load([row, k - tap * C_IN]), w_desc.load([n0, k]).T, acc)
-    ts = t0 + tl.arange(0, BLOCK_M)
-    ns = n0 + tl.arange(0, BLOCK_N)
-    _epilogue(acc, seq, ts, ts < t1, ns, ns < C_OUT, ns, out_start, bias_ptr, out_ptr, out_ptr, out_len_ptr,
-              out_ptr, gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, False, OUT_SPLIT)
+    pid_n, seq, t0, t1, in_start, in_len, out_start = _tile_rows(seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr,
+                                                                 out_len_ptr, BLOCK_M, N_BLOCKS)
+    if t0 < t1:  # tiles past the utterance's end are empty
+        even_rows = (in_len + 1) // 2
+        first = (in_start + t0).to(tl.int32)
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, TAPS * C_IN, BLOCK_K):
+            tap = k // C_IN
+            if STRIDE == 2:  # tap j of output row t is input row 2t + j: the even (j = 0, 2) or odd (j = 1) half
+                row = first + (tap % 2) * even_rows + tap // 2
+            else:
+                row = first + tap
+            acc = tl.dot(x_desc.load([row, k - tap * C_IN]), w_desc.load([n0, k]).T, acc)
+        ts = t0 + tl.arange(0, BLOCK_M)
+        ns = n0 + tl.arange(0, BLOCK_N)
+        _epilogue(acc, seq, ts, ts < t1, ns, ns < C_OUT, ns, out_start, bias_ptr, out_ptr, out_ptr, out_len_ptr,
+                  out_ptr, gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, False, OUT_SPLIT)
 
 
 @dataclass
@@ -306,23 +313,6 @@ def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
     """Conv1d weight [C_out, C_in / groups, taps] -> [C_out, taps * C_in / groups], tap-major (the A tile's
     column order: one tap's channels are contiguous in a channels-last input)."""
     return weight.permute(0, 2, 1).reshape(weight.shape[0], -1).contiguous()
-
-
-def _tile_table(out_lengths: list[int], block_m: int, device) -> torch.Tensor:
-    """[tiles, 3] int32 rows (utterance, first output row, end row): every utterance cut into block_m rows.
-
-    Built with numpy: a batch of 256 two-second utterances has ~25k tiles in the first layers; as a Python
-    list of tuples it cost enough host time that the whole speech call at batch 256 went from 4.6k to 7.1-7.6k
-    audio-s/s on the H100 when it moved to numpy."""
-    lengths = np.asarray(out_lengths, dtype=np.int64)
-    counts = -(-lengths // block_m)
-    utterance = np.repeat(np.arange(len(lengths)), counts)
-    first_tile = np.repeat(np.cumsum(counts) - counts, counts)
-    start = (np.arange(int(counts.sum())) - first_tile) * block_m
-    table = np.stack([utterance, start, np.minimum(start + block_m, lengths[utterance])], axis=1).astype(np.int32)
-    if not len(table):
-        table = np.zeros((1, 3), dtype=np.int32)
-    return to_device(table, device)
 
 
 @functools.lru_cache(maxsize=None)  # the hot path asks every call; the answer depends on these only
@@ -391,6 +381,23 @@ def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Te
     rows, which the copy engine can move. GroupNorm (``PER_CHANNEL``) needs the first-layer shape: one input
     channel, no padding, groups, split input or residual. Returns out [sum(out_lengths), C_out] and its Packed.
     """
+    out_lengths = out_lengths or conv_output_lengths(packed.lengths, taps, stride, pad)
+    out_packed = Packed(out_lengths)
+    seq_info = to_device(np.array([packed.starts, packed.lengths, out_packed.starts, out_lengths], dtype=np.int32),
+                         x.device)
+    out = conv1d_packed(x, seq_info, max(out_lengths, default=0), out_packed.rows, weight, bias, taps, stride, pad,
+                        groups, out_norm, out_gelu, residual, in_split, out_split)
+    return out, out_packed
+
+
+def conv1d_packed(x: torch.Tensor, seq_info: torch.Tensor, longest_out: int, out_rows: int, weight: torch.Tensor,
+                  bias: torch.Tensor | None, taps: int, stride: int, pad: int = 0, groups: int = 1,
+                  out_norm: OutputNorm | None = None, out_gelu: bool = False, residual: torch.Tensor | None = None,
+                  in_split: bool = False, out_split: bool = False) -> torch.Tensor:
+    """``conv1d`` on device-side metadata: seq_info [4, utterances] int32 on x's device (input starts, input
+    lengths, output starts, output lengths), ``longest_out`` an upper bound of the output lengths and
+    ``out_rows`` of their sum (the output's rows; past the utterances' rows nothing is written). Nothing here
+    reads the lengths on the host, so a CUDA graph captured with bounds replays for any lengths within them."""
     if in_split and (stride != 2 or pad != 0):
         raise ValueError("a split input is read by stride-2 layers without padding only")
     if out_split and residual is not None:
@@ -400,60 +407,48 @@ def conv1d(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Te
     if mode == PER_CHANNEL and kernel != "first":
         raise ValueError("the GroupNorm epilogue needs one input channel and no padding, groups, split input "
                          "or residual (wav2vec2's first layer)")
-    c_in = x.shape[1]
-    c_out = weight.shape[0]
-    out_lengths = out_lengths or conv_output_lengths(packed.lengths, taps, stride, pad)
-    out_packed = Packed(out_lengths)
-    out = torch.empty(out_packed.rows, c_out, dtype=weight.dtype, device=x.device)
-    if out_packed.rows == 0:
-        return out, out_packed
-    device = x.device
-    seq_info = to_device(np.array([packed.starts, packed.lengths, out_packed.starts, out_lengths], dtype=np.int32),
-                         device)
+    c_in, c_out, utterances = x.shape[1], weight.shape[0], seq_info.shape[1]
+    out = torch.empty(out_rows, c_out, dtype=weight.dtype, device=x.device)
+    if out_rows == 0 or longest_out == 0:
+        return out
     eps = out_norm.eps if out_norm is not None else 0.0
     gamma, beta = (out_norm.weight, out_norm.bias) if out_norm is not None else (x, x)
     affine = _group_norm_affine(x, seq_info, weight, bias, out_norm, taps, stride) if mode == PER_CHANNEL else x
     bias_arg = bias if bias is not None else weight
 
-    def run(tile: str, table: torch.Tensor) -> None:
+    def run(tile: str) -> None:
         if tile in FIRST_TILES:
             block_m, block_n, warps = FIRST_TILES[tile]
-            _first_conv_kernel[(table.shape[0] * triton.cdiv(c_out, block_n),)](
-                x, weight, bias_arg, out, table, *seq_info, affine, gamma, beta, x.stride(0), out.stride(0), eps,
+            seq_tiles = triton.cdiv(longest_out, block_m)
+            _first_conv_kernel[(utterances * seq_tiles * triton.cdiv(c_out, block_n),)](
+                x, weight, bias_arg, out, seq_tiles, *seq_info, affine, gamma, beta, x.stride(0), out.stride(0), eps,
                 C_OUT=c_out, TAPS=taps, STRIDE=stride, NORM=mode, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
                 OUT_SPLIT=out_split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
         elif tile in TMA_TILES:
             block_m, block_n, block_k, warps, stages = TMA_TILES[tile]
+            seq_tiles = triton.cdiv(longest_out, block_m)
             x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
             w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
-            _conv_tma_kernel[(table.shape[0] * triton.cdiv(c_out, block_n),)](
-                x_desc, w_desc, bias_arg, out, table, *seq_info, gamma, beta, out.stride(0), eps, C_IN=c_in,
+            _conv_tma_kernel[(utterances * seq_tiles * triton.cdiv(c_out, block_n),)](
+                x_desc, w_desc, bias_arg, out, seq_tiles, *seq_info, gamma, beta, out.stride(0), eps, C_IN=c_in,
                 C_OUT=c_out, TAPS=taps, STRIDE=stride, NORM=mode, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
                 OUT_SPLIT=out_split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
                 num_stages=stages)
         else:
             block_m, block_n, block_k, warps, stages = TILES[tile]
-            _conv_kernel[(table.shape[0] * triton.cdiv(c_out // groups, block_n), groups)](
-                x, weight, bias_arg, residual if residual is not None else out, out, table, *seq_info, gamma, beta,
-                x.stride(0), out.stride(0), eps, C_OUT=c_out, CG_IN=c_in // groups, CG_OUT=c_out // groups,
+            seq_tiles = triton.cdiv(longest_out, block_m)
+            _conv_kernel[(utterances * seq_tiles * triton.cdiv(c_out // groups, block_n), groups)](
+                x, weight, bias_arg, residual if residual is not None else out, out, seq_tiles, *seq_info, gamma,
+                beta, x.stride(0), out.stride(0), eps, C_OUT=c_out, CG_IN=c_in // groups, CG_OUT=c_out // groups,
                 TAPS=taps, STRIDE=stride, PAD=pad, NORM=mode, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None, IN_SPLIT=in_split, OUT_SPLIT=out_split, BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
-    tables: dict[int, torch.Tensor] = {}
-
-    def table_for(tile: str) -> torch.Tensor:
-        block_m = (FIRST_TILES.get(tile) or TMA_TILES.get(tile) or TILES[tile])[0]
-        if block_m not in tables:
-            tables[block_m] = _tile_table(out_lengths, block_m, device)
-        return tables[block_m]
-
-    shape = (c_in, c_out, taps, stride, pad, groups, row_bucket(out_packed.rows), mode, out_gelu,
-             residual is not None, in_split, out_split, kernel)
+    shape = (c_in, c_out, taps, stride, pad, groups, row_bucket(out_rows), mode, out_gelu, residual is not None,
+             in_split, out_split, kernel)
     names = _candidates(c_in, c_out, groups, mode, kernel)
-    tile = TILE_CACHE.choose("conv1d", shape, names, lambda t: bench_ms(lambda: run(t, table_for(t))), device)
-    run(tile, table_for(tile))
-    return out, out_packed
+    run(TILE_CACHE.choose("conv1d", shape, names, lambda t: bench_ms(lambda: run(t)), x.device))
+    return out
 
 
 def conv1d_reference(x: torch.Tensor, packed: Packed, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,

@@ -117,16 +117,7 @@ class GraphedForward:
         inputs = self._inputs(shape, keys)
         extra = {} if self.packed_max_len is None else {"max_len": min(shape[1], self.packed_max_len)}
         try:
-            side = self._stream
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # lazy initialisation (cuBLAS handles, kernel compiles, tile tuning) happens here
-                    self.forward(**inputs, **extra)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads (the other model stages, the server) keep using the GPU meanwhile.
-            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
-                output = self.forward(**inputs, **extra)
+            graph, output = capture(lambda: self.forward(**inputs, **extra), self._stream, self._pool)
         except RuntimeError as err:  # a model whose forward cannot be captured still works, eagerly
             log.warning("%s: CUDA graph capture failed (%s); running eagerly", self.name, err)
             self._broken = True
@@ -135,3 +126,18 @@ class GraphedForward:
         self._graphs[shape] = (graph, inputs, output)
         log.info("%s: captured CUDA graph for %d rows x %d tokens", self.name, *shape)
         return self._graphs[shape]
+
+
+def capture(forward: Callable[[], object], stream: torch.cuda.Stream, pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``forward()`` run twice on ``stream`` (lazy initialisation: cuBLAS handles, kernel compiles, tile tuning
+    happen there), then captured; returns the graph and the output tensors its replays overwrite."""
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream(stream.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: other threads (the other model stages, the server) keep using the GPU meanwhile.
+    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        output = forward()
+    return graph, output

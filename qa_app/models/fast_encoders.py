@@ -17,7 +17,8 @@ from torch import nn
 
 from qa_app.kernels import to_device
 from qa_app.kernels.attention import attention
-from qa_app.kernels.conv_gelu import PER_CHANNEL, PER_ROW, OutputNorm, Packed, conv1d, pack_conv_weight
+from qa_app.kernels.conv_gelu import (PER_CHANNEL, PER_ROW, OutputNorm, Packed, conv1d_packed, conv_output_lengths,
+                                      pack_conv_weight)
 from qa_app.kernels.embeddings import embeddings
 from qa_app.kernels.layer_norm import layer_norm
 from qa_app.kernels.linear import linear
@@ -163,37 +164,79 @@ class FastWav2Vec2:
         self.encoder = FastTransformer(layers, cfg.num_attention_heads, cfg.layer_norm_eps, self.pre_norm)
         self.dtype = dtype
 
-    def features(self, samples: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, Packed]:
+    def plan(self, lengths: list[int], utterances: int | None = None, longest: int | None = None) -> "SpeechPlan":
+        """Host-side metadata of a batch of ``lengths`` samples per utterance. With ``utterances`` and
+        ``longest`` (a CUDA graph's bucket), the buffers and grids are sized for any batch within those bounds
+        and the metadata padded with empty utterances; otherwise exactly for these lengths."""
+        utterances = utterances or len(lengths)
+        lens = np.zeros(utterances, dtype=np.int64)
+        lens[:len(lengths)] = lengths
+        bound = longest if longest is not None else int(lens.max(initial=0))
+        meta, bounds = [], []
+        for conv in self.convs:
+            out = np.array(conv_output_lengths(lens.tolist(), conv["taps"], conv["stride"], 0), dtype=np.int64)
+            bound = conv_output_lengths([bound], conv["taps"], conv["stride"], 0)[0]
+            meta.append([_starts(lens), lens, _starts(out), out])
+            bounds.append((bound, utterances * bound if longest is not None else int(out.sum())))
+            lens = out
+        meta.append([_starts(lens), lens, _starts(lens), lens])  # frames: the positional conv and the transformer
+        return SpeechPlan(np.array(meta, dtype=np.int32), bounds)
+
+    def features(self, samples: torch.Tensor, meta: torch.Tensor, plan: "SpeechPlan") -> torch.Tensor:
         """The convolutional feature encoder: packed samples [total] -> packed features [frames, conv_dim].
         Each layer stores its output normalised (GroupNorm on layer 0 only, or LayerNorm on every layer) and
-        through GELU, from its GEMM's epilogue; for a stride-2 next layer, even rows first (``out_split``)."""
-        x, packed = samples.to(self.dtype).reshape(-1, 1), Packed(list(lengths))
+        through GELU, from its GEMM's epilogue; for a stride-2 next layer, even rows first (``out_split``).
+        ``meta``: ``plan.meta`` on the device."""
+        x = samples.to(self.dtype).reshape(-1, 1)
         in_split, last = False, len(self.convs) - 1
-        for i, conv in enumerate(self.convs):
+        for i, (conv, (longest, rows)) in enumerate(zip(self.convs, plan.bounds)):
             norm = None
             if self.norm_mode == "layer":
                 norm = OutputNorm(PER_ROW, *conv["norm"])
             elif i == 0:
                 norm = OutputNorm(PER_CHANNEL, *conv["norm"])
             out_split = i < last and self.convs[i + 1]["stride"] == 2
-            x, packed = conv1d(x, packed, conv["weight"], conv["bias"], conv["taps"], conv["stride"], out_norm=norm,
-                               out_gelu=True, in_split=in_split, out_split=out_split)
+            x = conv1d_packed(x, meta[i], longest, rows, conv["weight"], conv["bias"], conv["taps"], conv["stride"],
+                              out_norm=norm, out_gelu=True, in_split=in_split, out_split=out_split)
             in_split = out_split
-        return x, packed
+        return x
+
+    def forward(self, samples: torch.Tensor, meta: torch.Tensor, plan: "SpeechPlan") -> torch.Tensor:
+        """Last hidden states [plan.frame_rows, hidden], each utterance's frames back to back from row 0
+        (rows past them, in a graph bucket, are scratch). Reads no lengths on the host: CUDA-graph safe."""
+        x = self.features(samples, meta, plan)
+        h = linear(layer_norm(x, *self.proj_norm), *self.proj)
+        frames = meta[len(self.convs)]
+        longest, rows = plan.bounds[-1]
+        h = conv1d_packed(h, frames, longest, rows, self.pos_w, self.pos_b, self.pos_taps, 1, pad=self.pos_taps // 2,
+                          groups=self.pos_groups, out_gelu=True, residual=h)
+        if not self.pre_norm:
+            h = layer_norm(h, *self.enc_norm)
+        h = self.encoder(h, frames[0], frames[1], frames[1], max(longest, 1))
+        if self.pre_norm:
+            h = layer_norm(h, *self.enc_norm)
+        return h
 
     def __call__(self, samples: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, Packed]:
         """samples: the utterances' 16 kHz samples back to back; lengths: samples per utterance.
         Returns packed last hidden states [frames, hidden] and the frames per utterance."""
-        x, packed = self.features(samples, lengths)
-        h = linear(layer_norm(x, *self.proj_norm), *self.proj)
-        h = conv1d(h, packed, self.pos_w, self.pos_b, self.pos_taps, 1, pad=self.pos_taps // 2,
-                   groups=self.pos_groups, out_gelu=True, residual=h, out_lengths=packed.lengths)[0]
-        if not self.pre_norm:
-            h = layer_norm(h, *self.enc_norm)
-        device = h.device
-        starts = to_device(np.array(packed.starts, dtype=np.int64), device)
-        lens = to_device(np.array(packed.lengths, dtype=np.int64), device)
-        h = self.encoder(h, starts, lens, lens, max(packed.lengths, default=1))
-        if self.pre_norm:
-            h = layer_norm(h, *self.enc_norm)
-        return h, packed
+        plan = self.plan(lengths)
+        h = self.forward(samples, to_device(plan.meta, samples.device), plan)
+        return h, Packed(plan.meta[-1, 1].tolist())
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+
+
+@dataclass
+class SpeechPlan:
+    """A speech batch's metadata: ``meta`` int32 [conv layers + 1, 4, utterances], per conv layer (input starts,
+    input lengths, output starts, output lengths) and last the frames (starts, lengths, starts, lengths); and
+    per conv layer (longest output, output rows) bounds, the buffers' and grids' sizes."""
+    meta: np.ndarray
+    bounds: list[tuple[int, int]]
+
+    @property
+    def frame_rows(self) -> int:
+        return self.bounds[-1][1]

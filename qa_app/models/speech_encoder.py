@@ -12,7 +12,10 @@ wav2vec2 checkpoint can be combined with a trained head.
 """
 from __future__ import annotations
 
+import bisect
 import json
+import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,8 +26,11 @@ from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from qa_app.kernels import to_device
-from qa_app.models.fast_encoders import FastWav2Vec2
+from qa_app.models.cuda_graphs import capture
+from qa_app.models.fast_encoders import FastWav2Vec2, SpeechPlan
 from qa_app.models.loading import ModelNotFoundError, pick_device, resolve_model
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 DEFAULT_SPEECH_ENCODER = "speech-encoder"
@@ -32,6 +38,14 @@ DEFAULT_SPEECH_ENCODER = "speech-encoder"
 ALPHABET = " abcdefghijklmnopqrstuvwxyz'0123456789"
 HEAD_CONFIG = "speech_head.json"
 HEAD_WEIGHTS = "speech_head.safetensors"
+# CUDA graphs on the fast path, one per bucket of (utterances, longest utterance): a batch launches ~100
+# kernels, and on the H100 the host took ~10 ms to launch them, whether the GPU then ran for 0.8 ms (one 2 s
+# utterance) or 10 ms (128 of them). Buckets hold at most GRAPH_MAX_AUDIO_S seconds of (padded) audio: a
+# graph keeps its activations, and the graphs share one pool, so that bounds the memory (~2 GB); larger
+# batches run eagerly.
+GRAPH_UTTERANCES = (1, 2, 4, 8, 16, 32, 64, 128)
+GRAPH_SECONDS = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10, 12, 16)
+GRAPH_MAX_AUDIO_S = 256
 
 
 def small_wav2vec2_config(layers: int = 6, hidden: int = 384, conv_dim: int = 256) -> Wav2Vec2Config:
@@ -167,6 +181,7 @@ class SpeechEncoder:
         if self.device.type == "cuda":
             self.model.half()
         self.fast = FastWav2Vec2(self.model.wav2vec2) if fast_kernels and self.device.type == "cuda" else None
+        self.graphs = SpeechGraphs(self) if self.fast is not None else None
         self.dim = self.model.head_config.text_dim
         self.text_encoder = self.model.head_config.text_encoder
         self.name = str(model)
@@ -201,15 +216,118 @@ class SpeechEncoder:
         return self.model(samples.to(next(self.model.parameters()).dtype), mask)
 
     def _forward_packed(self, waves: list[np.ndarray]):
+        lengths = [len(w) for w in waves]
+        if self.graphs is not None:
+            out = self.graphs(waves, lengths)
+            if out is not None:
+                return out
+        plan = self.fast.plan(lengths)
         samples = to_device(np.concatenate(waves), self.device)
-        hidden, packed = self.fast(samples, [len(w) for w in waves])  # [frames of all utterances, hidden]
-        # Unpack to [batch, frames, hidden] for the head with indices built on the host: a boolean-mask
-        # assignment would wait for the GPU (nonzero) and stall the next batch's launches behind this one.
-        lengths = np.asarray(packed.lengths)
-        longest = int(lengths.max(initial=1))
-        slots = np.concatenate([i * longest + np.arange(n) for i, n in enumerate(lengths)] + [np.zeros(0, np.int64)])
-        device_info = to_device(np.concatenate([lengths, slots]).astype(np.int64), self.device)
-        mask = torch.arange(longest, device=self.device)[None, :] < device_info[:len(waves), None]
-        frames = hidden.new_zeros(len(waves) * longest, hidden.shape[1])
-        frames.index_copy_(0, device_info[len(waves):], hidden)
-        return self.model.head(frames.view(len(waves), longest, -1), mask)
+        meta = to_device(plan.meta, self.device)
+        slots, longest = _frame_slots(plan, len(waves))
+        return self._head(self.fast.forward(samples, meta, plan), meta, to_device(slots, self.device), len(waves),
+                          longest)
+
+    def _head(self, hidden: torch.Tensor, meta: torch.Tensor, slots: torch.Tensor, utterances: int, longest: int):
+        """Pooling, projection and CTC on packed frames: unpacked to [utterances, longest, hidden] with indices
+        built on the host (a boolean-mask assignment would wait for the GPU); ``slots`` sends rows that are
+        not an utterance's frames (a graph bucket's scratch) to one extra row, dropped."""
+        frames = hidden.new_zeros(utterances * longest + 1, hidden.shape[1])
+        frames.index_copy_(0, slots, hidden)
+        mask = torch.arange(longest, device=hidden.device)[None, :] < meta[-1, 1, :utterances, None]
+        return self.model.head(frames[:-1].view(utterances, longest, -1), mask)
+
+    def warm_up(self) -> None:
+        """Capture every graph bucket now (at server start, not under the first players' voices)."""
+        if self.graphs is not None:
+            self.graphs.warm_up()
+
+
+def _frame_slots(plan: SpeechPlan, utterances: int, longest: int | None = None) -> tuple[np.ndarray, int]:
+    """Where each packed frame row goes in [utterances, longest] (row-major), for all ``plan.frame_rows``
+    rows: rows past the utterances' frames go to slot ``utterances * longest`` (dropped)."""
+    lengths = plan.meta[-1, 1, :utterances].astype(np.int64)
+    longest = longest or max(int(lengths.max(initial=0)), 1)
+    slots = np.full(plan.frame_rows, utterances * longest, dtype=np.int64)
+    real = np.concatenate([i * longest + np.arange(n) for i, n in enumerate(lengths)] + [np.zeros(0, np.int64)])
+    slots[:len(real)] = real
+    return slots, longest
+
+
+class SpeechGraphs:
+    """The fast speech forward (encoder + head) replayed from CUDA graphs, one per bucket of (utterances,
+    longest utterance); the batch's lengths reach the graph as device metadata (``FastWav2Vec2.plan``), so
+    a bucket serves any lengths within it. Replays are serialised by a lock and outputs copied out; all
+    graphs share one memory pool."""
+
+    def __init__(self, encoder: "SpeechEncoder") -> None:
+        self.encoder, self.device = encoder, encoder.device
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._pool = None
+        self._lock = threading.Lock()
+        self._broken = False  # capture failed once: run eagerly from then on
+        self._stream = torch.cuda.Stream(self.device)
+
+    @staticmethod
+    def bucket(lengths: list[int]) -> tuple[int, int] | None:
+        """(utterances, longest samples) of the graph serving these lengths, or None."""
+        utterances = bisect.bisect_left(GRAPH_UTTERANCES, len(lengths))
+        seconds = bisect.bisect_left(GRAPH_SECONDS, max(lengths) / SAMPLE_RATE)
+        if utterances == len(GRAPH_UTTERANCES) or seconds == len(GRAPH_SECONDS):
+            return None
+        if GRAPH_UTTERANCES[utterances] * GRAPH_SECONDS[seconds] > GRAPH_MAX_AUDIO_S:
+            return None
+        return GRAPH_UTTERANCES[utterances], int(GRAPH_SECONDS[seconds] * SAMPLE_RATE)
+
+    def __call__(self, waves: list[np.ndarray], lengths: list[int]):
+        """(embeddings, CTC logits, frame mask) as ``SpeechEncoder.forward``, or None: no bucket fits."""
+        shape = self.bucket(lengths)
+        if shape is None or self._broken:
+            return None
+        with self._lock:
+            entry = self._graphs.get(shape) or self._capture(shape)
+            if entry is None:
+                return None
+            graph, plan_bounds, samples, meta, slots, (embeddings, logits, mask) = entry
+            plan = self.encoder.fast.plan(lengths, *shape)
+            samples[:sum(lengths)].copy_(to_device(np.concatenate(waves), self.device))
+            meta.copy_(to_device(plan.meta, self.device))
+            slots.copy_(to_device(_frame_slots(plan, shape[0], plan_bounds[-1][0])[0], self.device))
+            graph.replay()
+            n = len(waves)
+            longest = max(int(plan.meta[-1, 1, :n].max()), 1)
+            return embeddings[:n].clone(), logits[:n, :longest].clone(), mask[:n, :longest].clone()
+
+    def warm_up(self) -> int:
+        with self._lock:
+            for utterances in GRAPH_UTTERANCES:
+                for seconds in GRAPH_SECONDS:
+                    shape = (utterances, int(seconds * SAMPLE_RATE))
+                    if utterances * seconds <= GRAPH_MAX_AUDIO_S and shape not in self._graphs and not self._broken:
+                        self._capture(shape)
+        return len(self._graphs)
+
+    def _capture(self, shape: tuple[int, int]):
+        utterances, longest = shape
+        fast = self.encoder.fast
+        plan = fast.plan([longest] * utterances, utterances, longest)  # any lengths in the bucket: the fullest
+        samples = torch.zeros(utterances * longest, dtype=torch.float32, device=self.device)
+        meta = torch.from_numpy(plan.meta).to(self.device)
+        frames_bound = plan.bounds[-1][0]
+        slots = torch.from_numpy(_frame_slots(plan, utterances, frames_bound)[0]).to(self.device)
+
+        def forward():
+            hidden = fast.forward(samples, meta, plan)
+            return self.encoder._head(hidden, meta, slots, utterances, frames_bound)
+
+        try:
+            graph, outputs = capture(forward, self._stream, self._pool)
+        except RuntimeError as err:  # the eager path still works
+            log.warning("speech encoder: CUDA graph capture failed (%s); running eagerly", err)
+            self._broken = True
+            return None
+        self._pool = graph.pool()
+        self._graphs[shape] = (graph, plan.bounds, samples, meta, slots, outputs)
+        log.info("speech encoder: captured CUDA graph for %d utterances of up to %.1f s", utterances,
+                 longest / SAMPLE_RATE)
+        return self._graphs[shape]

@@ -117,3 +117,23 @@ def test_fast_wav2vec2(close, norm, stable):
         with torch.no_grad():
             ref = model(wave[None]).last_hidden_state[0]
         close(h[s:s + n], ref)
+
+
+def test_fast_wav2vec2_bucket_plan_matches_exact():
+    """A CUDA graph replays the forward with buffers and grids sized for its bucket (more utterances, a longer
+    longest) and this batch's lengths only on the device: the utterances' frames must be the same bits as
+    with a plan sized exactly for them."""
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(16,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+                         feat_extract_norm="group", num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    fast = FastWav2Vec2(Wav2Vec2Model(cfg).eval(), torch.float32)
+    lens = [1600, 2500, 300]  # the last: no frame at all
+    samples = torch.randn(sum(lens))
+    exact = fast.plan(lens)
+    bucket = fast.plan(lens, utterances=4, longest=4000)
+    assert bucket.meta.shape == (8, 4, 4) and bucket.frame_rows == 4 * 12 > exact.frame_rows == 11
+    padded = torch.cat([samples, torch.randn(4 * 4000 - len(samples))])  # scratch past the utterances
+    want = fast.forward(samples, torch.from_numpy(exact.meta), exact)
+    got = fast.forward(padded, torch.from_numpy(bucket.meta), bucket)
+    assert torch.equal(got[:exact.frame_rows], want)
