@@ -101,3 +101,32 @@ def test_training_runs_on_cpu_and_saves_a_loadable_model(tmp_path):
     assert metrics and all(np.isfinite(m["total"]) for m in metrics)
     vectors, _ = SpeechEncoder(str(tmp_path / "speech"), device="cpu").encode([np.zeros(16000, np.float32) + 0.01])
     assert vectors.shape == (1, 384)
+
+
+def test_graph_buckets():
+    """Speech CUDA-graph buckets round a batch up to (utterances, longest utterance) and refuse batches past
+    the largest bucket or the audio bound (those run eagerly)."""
+    from qa_app.models.speech_encoder import GRAPH_MAX_AUDIO_S, SpeechGraphs
+
+    second = 16_000
+    assert SpeechGraphs.bucket([int(1.7 * second)]) == (1, 2 * second)
+    assert SpeechGraphs.bucket([second, 3 * second, 100]) == (4, 3 * second)
+    assert SpeechGraphs.bucket([2 * second] * 128) == (128, 2 * second)
+    assert SpeechGraphs.bucket([2 * second] * 129) is None       # more utterances than any bucket
+    assert SpeechGraphs.bucket([17 * second]) is None              # longer than any bucket
+    assert SpeechGraphs.bucket([3 * second] * 128) is None         # 128 x 3 s > GRAPH_MAX_AUDIO_S
+    assert 128 * 3 > GRAPH_MAX_AUDIO_S >= 16 * 16
+
+
+def test_frame_slots_send_scratch_rows_to_the_dropped_row():
+    """Unpacking packed frames to [utterances, longest]: each utterance's frames go to its row, and a graph
+    bucket's scratch rows (past the utterances' frames) all go to the one extra row that is dropped."""
+    from qa_app.models.fast_encoders import SpeechPlan
+    from qa_app.models.speech_encoder import _frame_slots
+
+    meta = np.zeros((1, 4, 3), dtype=np.int32)
+    meta[-1, 1] = [2, 0, 3]  # frames per utterance; the middle one has none
+    exact, longest = _frame_slots(SpeechPlan(meta, [(3, 5)]), 3)
+    assert longest == 3 and exact.tolist() == [0, 1, 6, 7, 8]
+    bucket, _ = _frame_slots(SpeechPlan(meta, [(4, 12)]), 3, 4)
+    assert bucket.tolist() == [0, 1, 8, 9, 10] + [12] * 7

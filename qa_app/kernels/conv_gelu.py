@@ -282,6 +282,12 @@ def _conv_tma_kernel(x_desc, w_desc, bias_ptr, out_ptr, seq_tiles, in_start_ptr,
                   out_ptr, gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, False, OUT_SPLIT)
 
 
+def row_starts(lengths) -> np.ndarray:
+    """Where each of back-to-back runs of ``lengths`` rows starts (an exclusive cumulative sum)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.cumsum(lengths) - lengths
+
+
 @dataclass
 class Packed:
     """Utterances packed back to back: row counts per utterance and where each starts."""
@@ -289,7 +295,7 @@ class Packed:
 
     @property
     def starts(self) -> list[int]:
-        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(int).tolist() if self.lengths else []
+        return row_starts(self.lengths).tolist()
 
     @property
     def rows(self) -> int:

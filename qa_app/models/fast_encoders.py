@@ -18,7 +18,7 @@ from torch import nn
 from qa_app.kernels import to_device
 from qa_app.kernels.attention import attention
 from qa_app.kernels.conv_gelu import (PER_CHANNEL, PER_ROW, OutputNorm, Packed, conv1d_packed, conv_output_lengths,
-                                      pack_conv_weight)
+                                      pack_conv_weight, row_starts)
 from qa_app.kernels.embeddings import embeddings
 from qa_app.kernels.layer_norm import layer_norm
 from qa_app.kernels.linear import linear
@@ -176,10 +176,10 @@ class FastWav2Vec2:
         for conv in self.convs:
             out = np.array(conv_output_lengths(lens.tolist(), conv["taps"], conv["stride"], 0), dtype=np.int64)
             bound = conv_output_lengths([bound], conv["taps"], conv["stride"], 0)[0]
-            meta.append([_starts(lens), lens, _starts(out), out])
+            meta.append([row_starts(lens), lens, row_starts(out), out])
             bounds.append((bound, utterances * bound if longest is not None else int(out.sum())))
             lens = out
-        meta.append([_starts(lens), lens, _starts(lens), lens])  # frames: the positional conv and the transformer
+        meta.append([row_starts(lens), lens, row_starts(lens), lens])  # frames: the positional conv and the transformer
         return SpeechPlan(np.array(meta, dtype=np.int32), bounds)
 
     def features(self, samples: torch.Tensor, meta: torch.Tensor, plan: "SpeechPlan") -> torch.Tensor:
@@ -223,10 +223,6 @@ class FastWav2Vec2:
         plan = self.plan(lengths)
         h = self.forward(samples, to_device(plan.meta, samples.device), plan)
         return h, Packed(plan.meta[-1, 1].tolist())
-
-
-def _starts(lengths: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
 
 
 @dataclass

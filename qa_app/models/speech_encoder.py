@@ -288,11 +288,11 @@ class SpeechGraphs:
             entry = self._graphs.get(shape) or self._capture(shape)
             if entry is None:
                 return None
-            graph, plan_bounds, samples, meta, slots, (embeddings, logits, mask) = entry
-            plan = self.encoder.fast.plan(lengths, *shape)
+            graph, samples, meta, slots, (embeddings, logits, mask) = entry
+            plan = self.encoder.fast.plan(lengths, *shape)  # the bucket's bounds, this batch's lengths
             samples[:sum(lengths)].copy_(to_device(np.concatenate(waves), self.device))
             meta.copy_(to_device(plan.meta, self.device))
-            slots.copy_(to_device(_frame_slots(plan, shape[0], plan_bounds[-1][0])[0], self.device))
+            slots.copy_(to_device(_frame_slots(plan, shape[0], plan.bounds[-1][0])[0], self.device))
             graph.replay()
             n = len(waves)
             longest = max(int(plan.meta[-1, 1, :n].max()), 1)
@@ -327,7 +327,7 @@ class SpeechGraphs:
             self._broken = True
             return None
         self._pool = graph.pool()
-        self._graphs[shape] = (graph, plan.bounds, samples, meta, slots, outputs)
+        self._graphs[shape] = (graph, samples, meta, slots, outputs)
         log.info("speech encoder: captured CUDA graph for %d utterances of up to %.1f s", utterances,
                  longest / SAMPLE_RATE)
         return self._graphs[shape]
