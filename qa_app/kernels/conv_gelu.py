@@ -21,8 +21,13 @@ cores and redid it for every block of output channels: slower than cuDNN's three
   only summing its outputs: the largest layer of the encoder, computed twice.)
 The first layer (one input channel, K = taps = 10) has its own kernel: its ten taps are one K block, and its
 cost is the GELU of the encoder's largest output (512 channels at 3.2 kHz), on the CUDA cores.
-The same kernel, with groups and padding, runs the grouped positional convolution of the transformer (GELU
-and the residual add fused in its epilogue).
+Padded or grouped convolutions (the transformer's positional convolution: 16 groups of 48 channels, 128 taps,
+padding 64; GELU and the residual add fused in its epilogue) run on a regrouped copy of the input: each group's
+channels stored on their own ([groups, rows, group channels]) with ``pad`` zero rows before, between and after the
+utterances, so that every output row's window (taps x group channels) is one contiguous run, the row's A
+operand a plain strided 2D view with K = taps x group channels and no masks. The per-tap K blocks of the
+channels-last layout padded each tap's 48 channels to 64 and, at 4x the cost, made this one layer cost as much as
+the six layers of the feature encoder (measured on the H100, 128 x 2 s: 2.07 ms -> 0.57 ms with the copy).
 """
 from __future__ import annotations
 
@@ -65,6 +70,15 @@ FIRST_TILES = {
     "first32x256w4": (32, 256, 4),
     "first64x256w8": (64, 256, 8),
     "first32x512w8": (32, 512, 8),
+}
+# padded or grouped convolutions over the regrouped input: same fields as TILES (H100, positional conv: the
+# first is best at 32 and 128 utterances x 99 frames)
+WINDOW_TILES = {
+    "window128x64x64w4s3": (128, 64, 64, 4, 3),
+    "window128x64x64w8s3": (128, 64, 64, 8, 3),
+    "window128x64x128w8s3": (128, 64, 128, 8, 3),
+    "window64x64x64w4s3": (64, 64, 64, 4, 3),
+    "window128x64x32w4s4": (128, 64, 32, 4, 4),
 }
 MOMENT_SPLITS = 16  # programs per utterance summing window moments (a fixed grid: CUDA-graph friendly)
 # TMA kernel, sm_90+: same fields
@@ -206,14 +220,73 @@ def _first_conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, seq_tiles, in_start_ptr,
 
 
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr,
-                 out_len_ptr, gamma_ptr, beta_ptr, stride_x, stride_o, eps,
-                 C_OUT: tl.constexpr, CG_IN: tl.constexpr, CG_OUT: tl.constexpr, TAPS: tl.constexpr,
-                 STRIDE: tl.constexpr, PAD: tl.constexpr, NORM: tl.constexpr, OUT_GELU: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IN_SPLIT: tl.constexpr, OUT_SPLIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Pointer-based tiles: any GPU, the interpreter, grouped and padded convolutions."""
+def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr, out_len_ptr,
+                 gamma_ptr, beta_ptr, stride_x, stride_o, eps, C_IN: tl.constexpr, C_OUT: tl.constexpr,
+                 TAPS: tl.constexpr, STRIDE: tl.constexpr, NORM: tl.constexpr, OUT_GELU: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, IN_SPLIT: tl.constexpr, OUT_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Pointer-based tiles, no padding or groups: any GPU and the interpreter."""
     # Output-channel blocks vary fastest, so the blocks sharing an A tile run together and read it from L2.
+    N_BLOCKS: tl.constexpr = (C_OUT + BLOCK_N - 1) // BLOCK_N
+    pid_n, seq, t0, t1, in_start, in_len, out_start = _tile_rows(seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr,
+                                                                 out_len_ptr, BLOCK_M, N_BLOCKS)
+    if t0 < t1:  # tiles past the utterance's end are empty
+        ts = t0 + tl.arange(0, BLOCK_M)
+        t_ok = ts < t1
+        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = ns < C_OUT
+        K_TOTAL: tl.constexpr = TAPS * C_IN
+        C_PAD: tl.constexpr = (C_IN + BLOCK_K - 1) // BLOCK_K * BLOCK_K  # a tap's channels, in whole K blocks
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, TAPS * C_PAD, BLOCK_K):
+            # A K block lies inside one tap: each row's slice is contiguous channels (vector loads).
+            tap = k0 // C_PAD
+            c = k0 % C_PAD + tl.arange(0, BLOCK_K)
+            rows = ts * STRIDE + tap
+            if IN_SPLIT:  # the input is stored even rows first, then odd rows
+                rows = tl.where(rows % 2 == 0, rows // 2, (in_len + 1) // 2 + rows // 2)
+            if C_IN % BLOCK_K == 0:
+                a_ok = t_ok[:, None]
+                b_ok = n_ok[None, :]
+            else:  # the tap's last block is partly past its channels
+                a_ok = t_ok[:, None] & (c < C_IN)[None, :]
+                b_ok = (c < C_IN)[:, None] & n_ok[None, :]
+            a = tl.load(x_ptr + ((in_start + rows) * stride_x)[:, None] + c[None, :], mask=a_ok, other=0.0)
+            b = tl.load(w_ptr + ns[None, :] * K_TOTAL + (tap * C_IN + c)[:, None], mask=b_ok, other=0.0)
+            acc = tl.dot(a, b, acc)
+        _epilogue(acc, seq, ts, t_ok, ns, n_ok, ns, out_start, bias_ptr, out_ptr, out_ptr, out_len_ptr, out_ptr,
+                  gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, False, OUT_SPLIT)
+
+
+@triton.jit
+def _regroup_kernel(x_ptr, xg_ptr, seq_tiles, start_ptr, len_ptr, stride_x, group_rows, CG: tl.constexpr,
+                    PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """x [rows, groups * CG] -> xg [groups, group_rows, CG]: utterance u's rows from row ``start + PAD * (u + 1)``
+    of its group's block (the gaps stay as allocated: zeros)."""
+    tile, group = tl.program_id(0), tl.program_id(1)
+    seq = tile // seq_tiles
+    t0 = (tile % seq_tiles) * BLOCK_M
+    n = tl.load(len_ptr + seq)
+    if t0 < n:
+        start = tl.load(start_ptr + seq).to(tl.int64)
+        ts = t0 + tl.arange(0, BLOCK_M)
+        cs = tl.arange(0, BLOCK_C)
+        ok = (ts < n)[:, None] & (cs < CG)[None, :]
+        values = tl.load(x_ptr + (start + ts)[:, None] * stride_x + group * CG + cs[None, :], mask=ok)
+        rows = group * group_rows + start + PAD * (seq + 1) + ts
+        tl.store(xg_ptr + rows[:, None] * CG + cs[None, :], values, mask=ok)
+
+
+@triton.jit
+def _window_conv_kernel(xg_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr,
+                        out_len_ptr, gamma_ptr, beta_ptr, group_rows, stride_o, eps, C_OUT: tl.constexpr,
+                        CG_IN: tl.constexpr, CG_OUT: tl.constexpr, TAPS: tl.constexpr, STRIDE: tl.constexpr,
+                        PAD: tl.constexpr, NORM: tl.constexpr, OUT_GELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_RES: tl.constexpr, OUT_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """Padded or grouped: over the regrouped input (``_regroup_kernel``), output row t's window is the
+    ``TAPS * CG_IN`` values from row ``t * STRIDE`` of its utterance's block (which starts with PAD zero rows):
+    one contiguous run, so K is flat over taps and channels."""
     N_BLOCKS: tl.constexpr = (CG_OUT + BLOCK_N - 1) // BLOCK_N
     pid_n, seq, t0, t1, in_start, in_len, out_start = _tile_rows(seq_tiles, in_start_ptr, in_len_ptr, out_start_ptr,
                                                                  out_len_ptr, BLOCK_M, N_BLOCKS)
@@ -224,28 +297,19 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, seq_tiles, in_start_p
         ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = ns < CG_OUT
         co = group * CG_OUT + ns
-        first_row = ts * STRIDE - PAD  # the utterance's input row under tap 0
         K_TOTAL: tl.constexpr = TAPS * CG_IN
-        CG_PAD: tl.constexpr = (CG_IN + BLOCK_K - 1) // BLOCK_K * BLOCK_K  # a tap's channels, in whole K blocks
+        windows = xg_ptr + (group * group_rows + in_start + PAD * seq + ts * STRIDE).to(tl.int64) * CG_IN
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, TAPS * CG_PAD, BLOCK_K):
-            # A K block lies inside one tap: each row's slice is contiguous channels (vector loads), and row
-            # validity (the utterance's edges, the padding) is per row.
-            tap = k0 // CG_PAD
-            c = k0 % CG_PAD + tl.arange(0, BLOCK_K)
-            rows = first_row + tap
-            row_ok = t_ok & (rows >= 0) & (rows < in_len)
-            if IN_SPLIT:  # the input is stored even rows first, then odd rows
-                rows = tl.where(rows % 2 == 0, rows // 2, (in_len + 1) // 2 + rows // 2)
-            if CG_IN % BLOCK_K == 0:
-                a_ok = row_ok[:, None]
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            if K_TOTAL % BLOCK_K == 0:
+                a_ok = t_ok[:, None]
                 b_ok = n_ok[None, :]
-            else:  # the tap's last block is partly past its channels
-                a_ok = row_ok[:, None] & (c < CG_IN)[None, :]
-                b_ok = (c < CG_IN)[:, None] & n_ok[None, :]
-            a = tl.load(x_ptr + ((in_start + rows) * stride_x)[:, None] + (group * CG_IN + c)[None, :], mask=a_ok,
-                        other=0.0)
-            b = tl.load(w_ptr + co[None, :] * K_TOTAL + (tap * CG_IN + c)[:, None], mask=b_ok, other=0.0)
+            else:
+                a_ok = t_ok[:, None] & (ks < K_TOTAL)[None, :]
+                b_ok = (ks < K_TOTAL)[:, None] & n_ok[None, :]
+            a = tl.load(windows[:, None] + ks[None, :], mask=a_ok, other=0.0)
+            b = tl.load(w_ptr + co[None, :] * K_TOTAL + ks[:, None], mask=b_ok, other=0.0)
             acc = tl.dot(a, b, acc)
         _epilogue(acc, seq, ts, t_ok, ns, n_ok, co, out_start, bias_ptr, res_ptr, out_ptr, out_len_ptr, out_ptr,
                   gamma_ptr, beta_ptr, stride_o, eps, C_OUT, NORM, OUT_GELU, HAS_BIAS, HAS_RES, OUT_SPLIT)
@@ -322,12 +386,12 @@ def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)  # the hot path asks every call; the answer depends on these only
-def _candidates(c_in: int, c_out: int, groups: int, norm_mode: int, kernel: str) -> list[str]:
-    """Tiles worth timing for ``kernel`` ("first", "tma" or "pointer"): K blocks no wider than a tap's channels
-    need (TMA tiles: dividing them); for LayerNorm in the epilogue, the narrowest tiles that hold a whole row
-    of output channels."""
+def _candidates(c_in: int, c_out: int, groups: int, taps: int, norm_mode: int, kernel: str) -> list[str]:
+    """Tiles worth timing for ``kernel`` ("first", "tma", "window" or "pointer"): K blocks no wider than K needs
+    (a tap's channels; over the regrouped input, taps x group channels; TMA tiles: dividing a tap's channels);
+    for LayerNorm in the epilogue, the narrowest tiles that hold a whole row of output channels."""
     cg_in = c_in // groups
-    tiles = FIRST_TILES if kernel == "first" else {**TILES, **(TMA_TILES if kernel == "tma" else {})}
+    tiles = {"first": FIRST_TILES, "window": WINDOW_TILES, "tma": {**TILES, **TMA_TILES}}.get(kernel, TILES)
     if norm_mode == PER_ROW:
         widths = sorted({t[1] for t in tiles.values() if t[1] >= c_out})
         if groups != 1 or not widths:
@@ -338,22 +402,38 @@ def _candidates(c_in: int, c_out: int, groups: int, norm_mode: int, kernel: str)
         fits = lambda n: n <= max(64, next_power_of_2(c_out // groups))  # noqa: E731
     if kernel == "first":
         return [name for name, (_, n, _) in tiles.items() if fits(n)]
-    widest_k = max(16, next_power_of_2(cg_in))
+    widest_k = max(16, next_power_of_2(cg_in * taps if kernel == "window" else cg_in))
     return [name for name, (_, n, k, _, _) in tiles.items()
-            if fits(n) and k <= widest_k and (name in TILES or cg_in % k == 0)]
+            if fits(n) and k <= widest_k and (name not in TMA_TILES or cg_in % k == 0)]
 
 
 def _kernel_for(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, groups: int, in_split: bool,
                 residual: torch.Tensor | None) -> str:
-    """"first": one input channel, no padding, groups, split input or residual (raw audio). "tma": each tap's
-    rows consecutive (stride 1, or 2 over a split input), no padding or groups, 16-byte aligned rows, a Hopper
-    (or newer) GPU. "pointer": anything else."""
-    if x.shape[1] == 1 and groups == 1 and pad == 0 and not in_split and residual is None:
+    """"first": one input channel, no padding, groups, split input or residual (raw audio). "window": padding or
+    groups. "tma": each tap's rows consecutive (stride 1, or 2 over a split input), no residual, 16-byte
+    aligned rows, a Hopper (or newer) GPU. "pointer": anything else."""
+    if pad > 0 or groups > 1:
+        return "window"
+    if x.shape[1] == 1 and not in_split and residual is None:
         return "first"
-    if (is_hopper(x.device) and pad == 0 and groups == 1 and residual is None
-            and (stride == 1 or (stride == 2 and in_split)) and x.shape[1] % 16 == 0 and tma_ready(x, weight)):
+    if (is_hopper(x.device) and residual is None and (stride == 1 or (stride == 2 and in_split))
+            and x.shape[1] % 16 == 0 and tma_ready(x, weight)):
         return "tma"
     return "pointer"
+
+
+def _regroup(x: torch.Tensor, seq_info: torch.Tensor, longest: int, rows: int, groups: int,
+             pad: int) -> tuple[torch.Tensor, int]:
+    """x [rows, C] -> [groups, group_rows, C / groups], each utterance with ``pad`` zero rows before and after
+    it (see ``_regroup_kernel``); returns it and group_rows."""
+    utterances, cg = seq_info.shape[1], x.shape[1] // groups
+    group_rows = triton.cdiv(rows + pad * (utterances + 1), 16) * 16
+    xg = torch.zeros(groups, group_rows, cg, dtype=x.dtype, device=x.device)
+    seq_tiles = triton.cdiv(longest, 64)
+    _regroup_kernel[(utterances * seq_tiles, groups)](x, xg, seq_tiles, seq_info[0], seq_info[1], x.stride(0),
+                                                      group_rows, CG=cg, PAD=pad, BLOCK_M=64,
+                                                      BLOCK_C=next_power_of_2(cg))
+    return xg, group_rows
 
 
 def _group_norm_affine(x: torch.Tensor, seq_info: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -404,8 +484,8 @@ def conv1d_packed(x: torch.Tensor, seq_info: torch.Tensor, longest_out: int, out
     lengths, output starts, output lengths), ``longest_out`` an upper bound of the output lengths and
     ``out_rows`` of their sum (the output's rows; past the utterances' rows nothing is written). Nothing here
     reads the lengths on the host, so a CUDA graph captured with bounds replays for any lengths within them."""
-    if in_split and (stride != 2 or pad != 0):
-        raise ValueError("a split input is read by stride-2 layers without padding only")
+    if in_split and (stride != 2 or pad != 0 or groups != 1):
+        raise ValueError("a split input is read by stride-2 layers without padding or groups only")
     if out_split and residual is not None:
         raise ValueError("a residual is added in natural row order: no split output")
     kernel = _kernel_for(x, weight, stride, pad, groups, in_split, residual)
@@ -421,6 +501,8 @@ def conv1d_packed(x: torch.Tensor, seq_info: torch.Tensor, longest_out: int, out
     gamma, beta = (out_norm.weight, out_norm.bias) if out_norm is not None else (x, x)
     affine = _group_norm_affine(x, seq_info, weight, bias, out_norm, taps, stride) if mode == PER_CHANNEL else x
     bias_arg = bias if bias is not None else weight
+    if kernel == "window":  # the regrouped input, once for every tile tried; rows past the last window unread
+        xg, group_rows = _regroup(x, seq_info, (longest_out - 1) * stride + taps - pad, x.shape[0], groups, pad)
 
     def run(tile: str) -> None:
         if tile in FIRST_TILES:
@@ -440,19 +522,27 @@ def conv1d_packed(x: torch.Tensor, seq_info: torch.Tensor, longest_out: int, out
                 C_OUT=c_out, TAPS=taps, STRIDE=stride, NORM=mode, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
                 OUT_SPLIT=out_split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
                 num_stages=stages)
+        elif tile in WINDOW_TILES:
+            block_m, block_n, block_k, warps, stages = WINDOW_TILES[tile]
+            seq_tiles = triton.cdiv(longest_out, block_m)
+            _window_conv_kernel[(utterances * seq_tiles * triton.cdiv(c_out // groups, block_n), groups)](
+                xg, weight, bias_arg, residual if residual is not None else out, out, seq_tiles, *seq_info, gamma,
+                beta, group_rows, out.stride(0), eps, C_OUT=c_out, CG_IN=c_in // groups, CG_OUT=c_out // groups,
+                TAPS=taps, STRIDE=stride, PAD=pad, NORM=mode, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
+                HAS_RES=residual is not None, OUT_SPLIT=out_split, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_K=block_k, num_warps=warps, num_stages=stages)
         else:
             block_m, block_n, block_k, warps, stages = TILES[tile]
             seq_tiles = triton.cdiv(longest_out, block_m)
-            _conv_kernel[(utterances * seq_tiles * triton.cdiv(c_out // groups, block_n), groups)](
-                x, weight, bias_arg, residual if residual is not None else out, out, seq_tiles, *seq_info, gamma,
-                beta, x.stride(0), out.stride(0), eps, C_OUT=c_out, CG_IN=c_in // groups, CG_OUT=c_out // groups,
-                TAPS=taps, STRIDE=stride, PAD=pad, NORM=mode, OUT_GELU=out_gelu, HAS_BIAS=bias is not None,
-                HAS_RES=residual is not None, IN_SPLIT=in_split, OUT_SPLIT=out_split, BLOCK_M=block_m,
-                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+            _conv_kernel[(utterances * seq_tiles * triton.cdiv(c_out, block_n),)](
+                x, weight, bias_arg, out, seq_tiles, *seq_info, gamma, beta, x.stride(0), out.stride(0), eps,
+                C_IN=c_in, C_OUT=c_out, TAPS=taps, STRIDE=stride, NORM=mode, OUT_GELU=out_gelu,
+                HAS_BIAS=bias is not None, IN_SPLIT=in_split, OUT_SPLIT=out_split, BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
     shape = (c_in, c_out, taps, stride, pad, groups, row_bucket(out_rows), mode, out_gelu, residual is not None,
              in_split, out_split, kernel)
-    names = _candidates(c_in, c_out, groups, mode, kernel)
+    names = _candidates(c_in, c_out, groups, taps, mode, kernel)
     run(TILE_CACHE.choose("conv1d", shape, names, lambda t: bench_ms(lambda: run(t)), x.device))
     return out
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from qa_app.kernels import conv_gelu
-from qa_app.kernels.conv_gelu import (FIRST_TILES, PER_CHANNEL, PER_ROW, TILES, OutputNorm, Packed, conv1d,
-                                      conv1d_reference, conv_output_lengths, pack_conv_weight)
+from qa_app.kernels.conv_gelu import (FIRST_TILES, PER_CHANNEL, PER_ROW, TILES, WINDOW_TILES, OutputNorm, Packed,
+                                      conv1d, conv1d_reference, conv_output_lengths, pack_conv_weight)
 
 EPS = 1e-5
 LENS = [355, 60, 131]  # samples: 70, 11 and 25 frames after the first layer (taps 10, stride 5)
@@ -22,7 +22,7 @@ def tiles_used(monkeypatch):
 
     def spy(kernel, shape, candidates, time_ms, device):
         name = choose(kernel, shape, candidates, time_ms, device)
-        used.append(FIRST_TILES.get(name) or TILES[name])
+        used.append({**FIRST_TILES, **TILES, **WINDOW_TILES}[name])
         return name
 
     monkeypatch.setattr(conv_gelu.TILE_CACHE, "choose", spy)
@@ -139,11 +139,12 @@ def test_layer_norm_epilogue_limits():
         conv1d(x, packed, pack_conv_weight(torch.randn(1024, 8, 3)), None, 3, 1, out_norm=wide)
 
 
-@pytest.mark.parametrize("channels,groups,taps,whole_blocks", [(32, 4, 8, False), (128, 2, 3, True)])
+@pytest.mark.parametrize("channels,groups,taps,whole_blocks", [(32, 4, 8, True), (24, 4, 5, False), (128, 2, 3, True)])
 def test_positional_conv(close, tiles_used, channels, groups, taps, whole_blocks):
     """The transformer's positional convolution: grouped, zero-padded by taps // 2 at each utterance's edges
     (never reading a neighbour's rows), GELU and the residual add fused; with even taps the extra last
-    output row is dropped (``out_lengths`` = input lengths)."""
+    output row is dropped (``out_lengths`` = input lengths). K runs flat over taps x group channels: in whole
+    K blocks, or with a partly masked last one (24 channels in 4 groups, 5 taps: K = 30)."""
     lens = [70, 1, 25]
     packed = Packed(lens)
     h = torch.randn(packed.rows, channels)
@@ -151,10 +152,21 @@ def test_positional_conv(close, tiles_used, channels, groups, taps, whole_blocks
     out, out_packed = conv1d(h, packed, pack_conv_weight(w), b, taps, 1, pad=taps // 2, groups=groups,
                              out_gelu=True, residual=h, out_lengths=lens if taps % 2 == 0 else None)
     assert out_packed.lengths == lens
-    _check_path(tiles_used[-1], channels // groups, whole_blocks)
+    assert tiles_used[-1] in WINDOW_TILES.values()
+    _check_path(tiles_used[-1], taps * channels // groups, whole_blocks)
     ref = torch.cat([hs + F.gelu(F.conv1d(hs.t()[None], w, b, 1, taps // 2, groups=groups))[0, :, :n].t()
                      for hs, n in ((h[s:s + n], n) for s, n in zip(packed.starts, lens))])
     close(out, ref)
+
+
+def test_padded_strided_conv(close):
+    """The regrouped-window path with a stride: output row t's window starts at input row 2t - pad."""
+    packed = Packed([41, 6, 30])
+    x = torch.randn(packed.rows, 16)
+    w, b = torch.randn(16, 8, 5) * 0.2, torch.randn(16)
+    out, out_packed = conv1d(x, packed, pack_conv_weight(w), b, 5, 2, pad=2, groups=2, out_gelu=True)
+    assert out_packed.lengths == [21, 3, 15]
+    close(out, _per_utterance(x, packed, lambda a: F.gelu(F.conv1d(a, w, b, 2, 2, groups=2))))
 
 
 @pytest.mark.parametrize("channels", [16, 64])
