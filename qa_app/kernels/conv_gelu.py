@@ -71,14 +71,17 @@ FIRST_TILES = {
     "first64x256w8": (64, 256, 8),
     "first32x512w8": (32, 512, 8),
 }
-# padded or grouped convolutions over the regrouped input: same fields as TILES (H100, positional conv: the
-# first is best at 32 and 128 utterances x 99 frames)
+# padded or grouped convolutions over the regrouped input: same fields as TILES (H100, wav2vec2-base's positional
+# conv: the first is best at 32 and 128 utterances x 99 frames); narrower tiles for groups of <= 32 channels
 WINDOW_TILES = {
     "window128x64x64w4s3": (128, 64, 64, 4, 3),
     "window128x64x64w8s3": (128, 64, 64, 8, 3),
     "window128x64x128w8s3": (128, 64, 128, 8, 3),
     "window64x64x64w4s3": (64, 64, 64, 4, 3),
     "window128x64x32w4s4": (128, 64, 32, 4, 4),
+    "window128x32x64w4s3": (128, 32, 64, 4, 3),
+    "window64x32x64w4s4": (64, 32, 64, 4, 4),
+    "window128x16x64w4s3": (128, 16, 64, 4, 3),
 }
 MOMENT_SPLITS = 16  # programs per utterance summing window moments (a fixed grid: CUDA-graph friendly)
 # TMA kernel, sm_90+: same fields
