@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from qa_app.audio.vad import FRAME, Endpointer, SpeechEvent, VoiceActivity
 from qa_app.config import Settings
-from qa_app.engine import Answer, Candidate, QAEngine, Reading
+from qa_app.engine import Answer, Candidate, QAEngine, Reading, SpeechUnavailableError
 from qa_app.runtime.batcher import Batcher, BatchMetrics, BatchPolicy, Cost
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class BatchedEngine:
             engine.ranker.warm_up()
         if engine.encoder.device.type == "cuda":
             import torch
+
+            self._warm_up_speech()
 
             log.info("model stages ready: %.2f GiB of GPU memory allocated",
                      torch.cuda.memory_allocated(engine.encoder.device) / 2**30)
@@ -161,6 +163,20 @@ class BatchedEngine:
         stage_ms[f"{batcher.name}_queue"] = stage_ms.get(f"{batcher.name}_queue", 0.0) + queue_ms
         stage_ms[batcher.name] = stage_ms.get(batcher.name, 0.0) + run_ms
         return result
+
+    def _warm_up_speech(self) -> None:
+        """On a GPU, load the speech vectoriser and capture its CUDA graphs now: the first capture of a bucket
+        tunes and records it (seconds each), which would otherwise land on the first players' voices."""
+        if not self.settings.speech_encoder or self.settings.speech_mode != "vectoriser":
+            return
+        began = time.perf_counter()
+        try:
+            speech = self.engine.speech
+        except (SpeechUnavailableError, OSError, ValueError) as err:  # text keeps serving; Talk reports it
+            log.warning("speech path not loaded at start: %s", err)
+            return
+        speech.encoder.warm_up()
+        log.info("speech encoder ready (CUDA graphs captured) in %.1f s", time.perf_counter() - began)
 
     async def _speech_stage(self) -> Batcher:
         if self._speech is None:
