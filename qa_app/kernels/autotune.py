@@ -4,7 +4,9 @@ The seed systems pick cuBLAS algorithms per card; we pick among Triton tile shap
 where a kernel offers it) by timing each candidate on the first call of a shape class, and store the
 winner in ``~/.cache/qa_app/kernels/<card>-triton<version>.json``. Shapes are classed by their fixed
 dimensions and the row count rounded up to a power of two, so serving traffic of every batch size maps
-onto a few dozen entries.
+onto a few dozen entries. Tables measured on the cards we run on ship in ``qa_app/kernels/tuned/`` (same
+file names) and seed a card's cache, so the first start on such a card times only what they lack; its own
+measurements win over them, and an entry that names no current candidate is timed again.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import triton
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "qa_app" / "kernels"
+BUNDLED_DIR = Path(__file__).resolve().parent / "tuned"
 
 
 def row_bucket(rows: int) -> int:
@@ -31,8 +34,9 @@ def row_bucket(rows: int) -> int:
 class TileCache:
     """Winning candidate (an index into a kernel's candidate list, by name) per (kernel, shape class)."""
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, bundled: Path = BUNDLED_DIR) -> None:
         self.directory = Path(directory) if directory else DEFAULT_CACHE_DIR
+        self.bundled = Path(bundled)
         self._entries: dict[str, dict[str, str]] = {}
         self._chosen: dict[tuple, str] = {}  # the hot path: one dict lookup per kernel call
         self._paths: dict[int, Path] = {}
@@ -48,10 +52,13 @@ class TileCache:
     def _load(self, path: Path) -> dict[str, str]:
         key = str(path)
         if key not in self._entries:
-            try:
-                self._entries[key] = json.loads(path.read_text())
-            except (OSError, ValueError):  # no cache yet, or a damaged one: tune again
-                self._entries[key] = {}
+            entries: dict[str, str] = {}
+            for source in (self.bundled / path.name, path):  # this machine's own measurements win
+                try:
+                    entries.update(json.loads(source.read_text()))
+                except (OSError, ValueError):  # none yet, or a damaged one: tune again
+                    pass
+            self._entries[key] = entries
         return self._entries[key]
 
     def choose(self, kernel: str, shape: Hashable, candidates: Sequence[str], time_ms: Callable[[str], float],

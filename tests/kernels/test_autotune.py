@@ -80,3 +80,25 @@ def test_cuda_path_stale_entry_and_no_candidate(tmp_path, cuda0):
 
     with pytest.raises(RuntimeError, match="no candidate ran"):
         _FakeCard(tmp_path / "other").choose("conv1d", (2,), ["x"], fails, cuda0)
+
+
+def test_bundled_table_seeds_the_cache(tmp_path, cuda0):
+    """A table shipped for this card answers without timing; this machine's own entries win over it; a shipped
+    winner that is no longer a candidate is timed again, and the merged table is written to the user's cache."""
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    (bundled / "card.json").write_text(json.dumps({"linear|(8, 16)": "b", "linear|(9, 16)": "a",
+                                                   "linear|(10, 16)": "gone"}))
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "card.json").write_text(json.dumps({"linear|(9, 16)": "c"}))
+
+    def never(name):
+        raise AssertionError(f"timed {name} for a shape the tables cover")
+
+    cache = _FakeCard(user, bundled=bundled)
+    assert cache.choose("linear", (8, 16), ["a", "b", "c"], never, cuda0) == "b"
+    assert cache.choose("linear", (9, 16), ["a", "b", "c"], never, cuda0) == "c"
+    assert cache.choose("linear", (10, 16), ["a", "b"], {"a": 2.0, "b": 1.0}.get, cuda0) == "b"
+    assert json.loads((user / "card.json").read_text()) == {"linear|(8, 16)": "b", "linear|(9, 16)": "c",
+                                                            "linear|(10, 16)": "b"}
