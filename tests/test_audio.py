@@ -154,6 +154,35 @@ def test_streams_batched_together_match_streams_run_alone(vad):
         assert np.allclose(batched, single, atol=1e-5)
 
 
+def test_stream_state_survives_changing_batch_mates(vad, spoken):
+    """A stream whose frames go through batches of changing size and company gets the probabilities silero
+    gives it streaming alone (its own model instance, its own internal state): each stream's recurrent state
+    is carried from batch to batch, untouched by the batches it is no longer in."""
+    import torch
+    from silero_vad import load_silero_vad
+
+    from qa_app.audio.vad import FRAME, VadState
+
+    audio, spans = spoken
+    start = int(spans[0][0] * 16000) - 8 * FRAME  # silence, then speech: probabilities that move
+    frames = audio[start:start + 40 * FRAME].reshape(40, FRAME)
+    reference = load_silero_vad()
+    reference.reset_states()
+    with torch.inference_mode():
+        expected = np.array([reference(torch.from_numpy(f[None].copy()), 16000).item() for f in frames])
+    rng = np.random.default_rng(3)
+    stream, mates = VadState(), [VadState() for _ in range(4)]
+    got = []
+    for frame in frames:
+        company = [mates[i] for i in rng.choice(4, size=int(rng.integers(0, 5)), replace=False)]
+        noise = rng.normal(0, 0.05, (len(company), FRAME)).astype(np.float32)
+        position = int(rng.integers(0, len(company) + 1))
+        batch = list(noise[:position]) + [frame] + list(noise[position:])
+        got.append(vad(np.stack(batch), company[:position] + [stream] + company[position:])[position])
+    assert expected.max() > 0.5 > expected.min()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
 def test_audio_manifests_resolve_paths_and_report_bad_lines_with_file_and_line(tmp_path):
     from qa_app.kb import KnowledgeBaseError
     from qa_app.train.speech_data import read_manifest
