@@ -161,7 +161,7 @@ def _chat_remote(args) -> int:
 def cmd_serve(args) -> int:
     import asyncio
 
-    from qa_app.server.service import serve
+    from qa_app.server.service import serve, serve_processes
 
     logging.getLogger("qa_app").setLevel(logging.INFO)
     settings = Settings.from_env(kb_dir=args.kb_dir, device=args.device, host=args.host, port=args.port,
@@ -170,6 +170,12 @@ def cmd_serve(args) -> int:
                                  max_batch_audio_s=args.max_batch_audio_s, auth_token=args.token,
                                  tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port,
                                  speech_encoder=args.speech_encoder, speech_mode=args.speech_mode)
+    if args.processes != 1:
+        try:
+            return serve_processes(settings, args.processes)
+        except ValueError as err:
+            print(f"qa-app: error: {err}", file=sys.stderr)
+            return 2
     asyncio.run(serve(settings))
     return 0
 
@@ -390,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kb-dir", type=Path, help="folder of knowledge bases, one NPC per file")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="threads for the CPU stages (default: one per core)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="server processes sharing the port, each with its own engine and batchers (default 1; "
+                        "more spread the Python work over cores; metrics on --metrics-port + i)")
     p.add_argument("--max-queue", type=int, help="requests in flight before RESOURCE_EXHAUSTED")
     p.add_argument("--max-batch-size", type=int, help="requests per model call (1 turns batching off)")
     p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for others to share a batch")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -325,7 +326,8 @@ class NpcServer:
         interceptors = [BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else []
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes),
-                   ("grpc.max_concurrent_streams", settings.max_concurrent_streams)]
+                   ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+                   ("grpc.so_reuseport", 1)]  # several server processes may share the port (serve_processes)
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         self.service = NpcQAService(settings)
         pb_grpc.add_NpcQAServicer_to_server(self.service, self.server)
@@ -393,3 +395,55 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("shutting down: draining in-flight requests (grace %.0f s)", settings.shutdown_grace_s)
     await server.stop()
+
+
+def _serve_process(settings: Settings) -> None:
+    """One of ``serve_processes``' servers (a spawned interpreter: logging as ``qa-app serve`` sets it up)."""
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qa_app").setLevel(logging.INFO)
+    asyncio.run(serve(settings))
+
+
+def serve_processes(settings: Settings, processes: int) -> int:
+    """Run ``processes`` servers on one port until SIGTERM or SIGINT; returns an exit status.
+
+    Each is a whole server (engine, batchers, GPU context) in its own process, and the kernel spreads new
+    connections over them (SO_REUSEPORT): one Python process serialises its gRPC handling, CPU stages and GPU
+    launches on one GIL, which kept the GPU idle under many players (benchmarks/RESULTS.md, issue 5); N processes
+    use N cores, each batching its own players. Process i serves metrics on ``metrics_port + i``. A signal is
+    passed on to every process (each drains); if one exits on its own, the others are stopped too.
+    """
+    import multiprocessing
+    import signal
+    from dataclasses import replace
+    from multiprocessing.connection import wait
+
+    if processes < 1:
+        raise ValueError(f"--processes must be >= 1, got {processes}")
+    if settings.port == 0 and processes > 1:
+        raise ValueError("--processes > 1 needs a fixed --port: with 0 each process would pick its own")
+    spawn = multiprocessing.get_context("spawn")  # CUDA cannot be initialised in forked children
+    children = [spawn.Process(target=_serve_process, name=f"qa-app-serve-{i}", args=(replace(
+        settings, metrics_port=None if settings.metrics_port is None else settings.metrics_port + i),))
+        for i in range(processes)]
+    for child in children:
+        child.start()
+
+    def pass_on(sig, frame):
+        for child in children:
+            if child.is_alive():
+                os.kill(child.pid, sig)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        wait([child.sentinel for child in children])  # the first to exit (a signal: all of them, drained)
+        if any(child.exitcode not in (None, 0) for child in children):
+            log.error("a server process exited with %s: stopping the others",
+                      [child.exitcode for child in children])
+        pass_on(signal.SIGTERM, None)
+        for child in children:
+            child.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return max(abs(child.exitcode or 0) for child in children)
