@@ -43,12 +43,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
+def free_ports(n: int) -> list[int]:
+    """n consecutive free ports (``qa-app serve --processes n`` serves metrics on port + i)."""
+    while True:
+        first = free_port()
+        try:
+            for port in range(first + 1, first + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return list(range(first, first + n))
+        except OSError:
+            continue
+
+
+def scrape(ports: list[int]) -> dict[tuple[str, tuple], float]:
+    """Every sample of the servers' metrics, summed over the server processes."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    total: dict[tuple[str, tuple], float] = defaultdict(float)
+    for port in ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                total[(sample.name, tuple(sorted(sample.labels.items())))] += sample.value
+    return dict(total)
 
 
 def delta(after: dict, before: dict, name: str, **labels) -> float:
@@ -90,10 +108,11 @@ def run_load_procs(pool, target: str, npc: str, queries: Path, mode: str, player
 class Server:
     """``qa-app serve`` in its own process, with Prometheus metrics."""
 
-    def __init__(self, device: str, batch_size: int, extra: list[str], log: Path) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
+    def __init__(self, device: str, batch_size: int, extra: list[str], log: Path, processes: int = 1) -> None:
+        self.port, self.metrics_ports = free_port(), free_ports(processes)
         command = [sys.executable, "-m", "qa_app", "serve", "--port", str(self.port), "--device", device,
-                   "--metrics-port", str(self.metrics_port), "--max-batch-size", str(batch_size), *extra]
+                   "--metrics-port", str(self.metrics_ports[0]), "--max-batch-size", str(batch_size),
+                   "--processes", str(processes), *extra]
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self.log = log.open("w")
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -110,7 +129,9 @@ class Server:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log.name}")
                 try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                    # one process answering is not all of them: each logs "serving NPCs" once it is SERVING
+                    if (stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1
+                            and Path(self.log.name).read_text().count("serving NPCs") >= len(self.metrics_ports)):
                         return
                 except grpc.RpcError:
                     pass
@@ -167,6 +188,8 @@ def main() -> int:
     parser.add_argument("--voice-duration", type=float, default=20.0, help="seconds per voice run")
     parser.add_argument("--loadgen-procs", type=int, default=max(1, (os.cpu_count() or 2) // 4))
     parser.add_argument("--npc", default="quartermaster")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="qa-app serve --processes (metrics summed over them; busy fractions can exceed 1)")
     parser.add_argument("--server-args", default="", help="extra qa-app serve flags, e.g. '--max-queue-delay-ms 1'")
     parser.add_argument("--out", type=Path, help="write all results as JSON here")
     args = parser.parse_args()
@@ -193,7 +216,7 @@ def main() -> int:
     with ctx.Pool(args.loadgen_procs) as pool:
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
             log = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_serving_server_b{batch_size}.log"
-            server = Server(args.device, batch_size, args.server_args.split(), log)
+            server = Server(args.device, batch_size, args.server_args.split(), log, args.processes)
             try:
                 server.wait_serving()
                 run_load_procs(pool, server.target, args.npc, queries, "ask", 8, 3.0, args.loadgen_procs)  # warm-up
@@ -201,11 +224,11 @@ def main() -> int:
                 plan += [("voice", "talk", n, args.voice_duration, spoken, VOICE_STAGES) for n in voice_players]
                 for kind, mode, n, duration, source, stages in plan:
                     npc = args.npc if kind == "text" else "innkeeper"
-                    before, began = scrape(server.metrics_port), time.perf_counter()
+                    before, began = scrape(server.metrics_ports), time.perf_counter()
                     load = run_load_procs(pool, server.target, npc, source, mode, n, duration, args.loadgen_procs)
                     elapsed = time.perf_counter() - began
                     load.update(kind=kind, batch_size=batch_size,
-                                **server_breakdown(scrape(server.metrics_port), before, stages, elapsed))
+                                **server_breakdown(scrape(server.metrics_ports), before, stages, elapsed))
                     results["runs"].append(load)
                     print(json.dumps(load), flush=True)
             finally:
