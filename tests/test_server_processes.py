@@ -82,3 +82,12 @@ def test_processes_share_the_port_and_drain_on_sigterm(tmp_path):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_bad_process_counts_are_clear_errors():
+    """No process, or several on a port each would choose for itself: refused before anything starts."""
+    for args, message in ((["--processes", "0"], "--processes must be >= 1"),
+                          (["--processes", "2", "--port", "0"], "needs a fixed --port")):
+        result = subprocess.run([sys.executable, "-m", "qa_app", "serve", *args], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr

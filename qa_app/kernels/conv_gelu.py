@@ -425,12 +425,12 @@ def _kernel_for(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, gr
     return "pointer"
 
 
-def _regroup(x: torch.Tensor, seq_info: torch.Tensor, longest: int, rows: int, groups: int,
-             pad: int) -> tuple[torch.Tensor, int]:
+def _regroup(x: torch.Tensor, seq_info: torch.Tensor, longest: int, groups: int, pad: int) -> tuple[torch.Tensor, int]:
     """x [rows, C] -> [groups, group_rows, C / groups], each utterance with ``pad`` zero rows before and after
-    it (see ``_regroup_kernel``); returns it and group_rows."""
+    it (see ``_regroup_kernel``; rows of an utterance from ``longest`` on are not copied); returns it and
+    group_rows."""
     utterances, cg = seq_info.shape[1], x.shape[1] // groups
-    group_rows = triton.cdiv(rows + pad * (utterances + 1), 16) * 16
+    group_rows = triton.cdiv(x.shape[0] + pad * (utterances + 1), 16) * 16
     xg = torch.zeros(groups, group_rows, cg, dtype=x.dtype, device=x.device)
     seq_tiles = triton.cdiv(longest, 64)
     _regroup_kernel[(utterances * seq_tiles, groups)](x, xg, seq_tiles, seq_info[0], seq_info[1], x.stride(0),
@@ -505,7 +505,7 @@ def conv1d_packed(x: torch.Tensor, seq_info: torch.Tensor, longest_out: int, out
     affine = _group_norm_affine(x, seq_info, weight, bias, out_norm, taps, stride) if mode == PER_CHANNEL else x
     bias_arg = bias if bias is not None else weight
     if kernel == "window":  # the regrouped input, once for every tile tried; rows past the last window unread
-        xg, group_rows = _regroup(x, seq_info, (longest_out - 1) * stride + taps - pad, x.shape[0], groups, pad)
+        xg, group_rows = _regroup(x, seq_info, (longest_out - 1) * stride + taps - pad, groups, pad)
 
     def run(tile: str) -> None:
         if tile in FIRST_TILES:

@@ -59,7 +59,6 @@ class BatchedEngine:
             import torch
 
             self._warm_up_speech()
-
             log.info("model stages ready: %.2f GiB of GPU memory allocated",
                      torch.cuda.memory_allocated(engine.encoder.device) / 2**30)
         self.embed = Batcher("embed", engine.encoder.encode_tokens, lambda ids: Cost(1, len(ids)),
