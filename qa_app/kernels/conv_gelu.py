@@ -425,7 +425,8 @@ def _kernel_for(x: torch.Tensor, weight: torch.Tensor, stride: int, pad: int, gr
     return "pointer"
 
 
-def _regroup(x: torch.Tensor, seq_info: torch.Tensor, longest: int, groups: int, pad: int) -> tuple[torch.Tensor, int]:
+def _regroup(x: torch.Tensor, seq_info: torch.Tensor, longest: int, groups: int,
+             pad: int) -> tuple[torch.Tensor, int]:
     """x [rows, C] -> [groups, group_rows, C / groups], each utterance with ``pad`` zero rows before and after
     it (see ``_regroup_kernel``; rows of an utterance from ``longest`` on are not copied); returns it and
     group_rows."""

@@ -399,7 +399,8 @@ async def serve(settings: Settings) -> None:
 
 def _serve_process(settings: Settings) -> None:
     """One of ``serve_processes``' servers (a spawned interpreter: logging as ``qa-app serve`` sets it up)."""
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("qa_app").setLevel(logging.INFO)
     asyncio.run(serve(settings))
 
