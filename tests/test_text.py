@@ -34,6 +34,15 @@ def test_spelling_leaves_known_short_and_numeric_words_alone():
         assert speller.correct(text) == text
 
 
+def test_spelling_expands_chat_spellings_unless_the_game_uses_the_word():
+    speller = SpellingCorrector(KB)
+    assert speller.correct("wat does a medkit do") == "what does a medkit do"
+    assert speller.correct("wer is the longshot pls") == "where is the longshot please"
+    assert speller.correct("press r to reload") == "press r to reload"   # single letters are keys
+    game = KnowledgeBase("raider", (Entry("dat", ("What is a DAT file?",), "A data tape.", (), ("DAT",)),))
+    assert SpellingCorrector(game).correct("wat is a dat") == "what is a dat"
+
+
 def test_entity_aliases_drop_articles_and_codes():
     assert {"longshot 50", "longshot"} <= aliases("Longshot .50")
     assert {"the storm", "storm"} <= aliases("The Storm")

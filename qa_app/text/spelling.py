@@ -18,6 +18,17 @@ from qa_app.text.normalize import normalize, tokens
 _ENGLISH_LIST = "frequency_dictionary_en_82_765.txt"
 # Words this short are too ambiguous to correct (and are often slang: "gg", "bp", "xp").
 MIN_CORRECTABLE_LENGTH = 4
+# Chat spellings too short or too far for edit distance ("wat" is one edit from "was", "at" and "what").
+# Only unambiguous ones: single letters stay, as players name keys with them ("press r").
+CHAT_SPELLINGS = {
+    "wat": "what", "wut": "what", "wht": "what", "hw": "how", "wen": "when", "wer": "where", "whr": "where",
+    "wich": "which", "ur": "your", "pls": "please", "plz": "please", "thx": "thanks", "ppl": "people",
+    "cuz": "because", "coz": "because", "bcuz": "because", "becuz": "because", "tho": "though",
+    "thru": "through", "gonna": "going to", "wanna": "want to", "gotta": "got to", "dunno": "don't know",
+    "kinda": "kind of", "sorta": "sort of", "dis": "this", "dat": "that", "teh": "the", "hav": "have",
+    "giv": "give", "gud": "good", "sum1": "someone", "some1": "someone", "any1": "anyone", "ne1": "anyone",
+    "b4": "before", "l8r": "later", "gr8": "great", "idk": "i don't know",
+}
 
 
 @lru_cache(maxsize=1)
@@ -71,6 +82,8 @@ class SpellingCorrector:
         return word in self.game_words or word in self._english_words
 
     def correct_word(self, word: str) -> str:
+        if word in CHAT_SPELLINGS and word not in self.game_words:
+            return CHAT_SPELLINGS[word]
         if len(word) < MIN_CORRECTABLE_LENGTH or not word.isalpha() or self.is_known(word):
             return word
         # Longer words tolerate two edits; shorter ones one, or "ammo" would become anything.
